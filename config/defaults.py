@@ -1,0 +1,247 @@
+"""Default configuration (yacs). Every key has a one-line comment saying what it does.
+
+Use :func:`get_cfg_defaults` to obtain a fresh, mutable copy; never mutate ``_C`` itself.
+Experiment files in ``configs/`` override these values, and trailing ``KEY VALUE`` pairs on the
+command line override the file.
+"""
+from yacs.config import CfgNode as CN
+
+_C = CN()
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+_C.MODEL = CN()
+# Device: "auto" picks CUDA when available, else CPU; or "cpu" / "cuda" / "cuda:1".
+_C.MODEL.DEVICE = "auto"
+# timm model name of the ViT backbone shared by the three modalities (OpenAI CLIP uses QuickGELU).
+_C.MODEL.BACKBONE = "vit_base_patch16_clip_quickgelu_224"
+# Override the backbone depth (number of transformer blocks); 0 keeps the timm default.
+_C.MODEL.BACKBONE_DEPTH = 0
+# Local pretrained weights: a timm/torch state dict, or an OpenAI CLIP checkpoint
+# (TorchScript archive or state dict with ``visual.*`` keys). Empty: random init (logged).
+_C.MODEL.PRETRAIN_PATH = ""
+# Patch-embedding stride (H, W); smaller than the patch size gives overlapping patches.
+_C.MODEL.STRIDE_SIZE = [16, 16]
+# Stochastic depth rate of the backbone.
+_C.MODEL.DROP_PATH = 0.1
+# Add a learnable camera embedding (SIE) to the CLS token.
+_C.MODEL.SIE_CAMERA = True
+# Coefficient of the camera embedding.
+_C.MODEL.SIE_COE = 1.0
+# Weight of the label-smoothed identity (cross-entropy) loss of every head.
+_C.MODEL.ID_LOSS_WEIGHT = 0.25
+# Weight of the batch-hard triplet loss of every head.
+_C.MODEL.TRIPLET_LOSS_WEIGHT = 1.0
+# Label smoothing epsilon of the identity loss (0 disables smoothing).
+_C.MODEL.LABEL_SMOOTH = 0.1
+# Triplet margin (ignored when TRIPLET_SOFT_MARGIN is true).
+_C.MODEL.TRIPLET_MARGIN = 0.3
+# Use the soft-margin triplet loss log(1 + exp(d_ap - d_an)).
+_C.MODEL.TRIPLET_SOFT_MARGIN = True
+# DeMo's direct head: one head on the concatenated globals (True) or one head per modality
+# (False, as DeMo does for vehicles).
+_C.MODEL.DIRECT = True
+# Strict loading of TEST.WEIGHT / resume checkpoints: mismatched keys are an error.
+_C.MODEL.LOAD_STRICT = True
+# Convert BatchNorm layers to SyncBatchNorm under DDP.
+_C.MODEL.SYNC_BN = False
+
+# DeMo's PIFE: per modality concat(CLS, mean patch) -> LayerNorm -> Linear(2C->C) -> QuickGELU.
+_C.MODEL.PIFE = CN()
+# Enable PIFE.
+_C.MODEL.PIFE.ENABLED = False
+
+# DeMo's HDM: seven learnable queries decouple modality-specific and shared features.
+_C.MODEL.HDM = CN()
+# Enable HDM.
+_C.MODEL.HDM.ENABLED = False
+# Attention heads of each HDM query's multi-head attention.
+_C.MODEL.HDM.NUM_HEADS = 8
+
+# DeMo's ATMoE: attention-triggered mixture of experts over the seven HDM features.
+_C.MODEL.ATMOE = CN()
+# Enable ATMoE (requires HDM).
+_C.MODEL.ATMOE.ENABLED = False
+# Gate heads (DeMo: 4 for RGBNT201, 8 for vehicles).
+_C.MODEL.ATMOE.HEADS = 4
+
+# SDTPS token selection (cosine-gated cross-modal attention, top-K patches per modality).
+_C.MODEL.SDTPS = CN()
+# Enable SDTPS.
+_C.MODEL.SDTPS.ENABLED = False
+# Share of patches kept: K = max(1, ceil(N * SPARSE_RATIO)).
+_C.MODEL.SDTPS.SPARSE_RATIO = 0.7
+# Attention heads of each cross-modal scorer.
+_C.MODEL.SDTPS.NUM_HEADS = 4
+# Initial per-head gate scale (gate logit = cos * scale + bias). CLI: --init_scale.
+_C.MODEL.SDTPS.GATE_INIT_SCALE = 0.5
+# Initial per-head gate bias. CLI: --init_bias.
+_C.MODEL.SDTPS.GATE_INIT_BIAS = 0.5
+# Normalise gate logits per head before the sigmoid (see docs/sdtps.md).
+_C.MODEL.SDTPS.GATE_NORM = False
+# Renormalise gated attention to sum to 1 over patches.
+_C.MODEL.SDTPS.RENORM_ATTN = False
+# How the three guides' scores combine: "mean" or "learned" (softmax weights).
+_C.MODEL.SDTPS.SCORE_COMBINE = "mean"
+# Weight of the fused head's ID + triplet losses.
+_C.MODEL.SDTPS.LOSS_WEIGHT = 1.0
+
+# DGAF dual-gated adaptive fusion of the selected tokens.
+_C.MODEL.DGAF = CN()
+# Enable DGAF (requires SDTPS).
+_C.MODEL.DGAF.ENABLED = False
+# Heads of the shared attention pooling.
+_C.MODEL.DGAF.NUM_HEADS = 8
+# Temperature of the entropy gate.
+_C.MODEL.DGAF.TAU = 1.0
+# Initial mixing weight alpha between entropy and importance gates (exact at init).
+_C.MODEL.DGAF.INIT_ALPHA = 0.5
+
+# ---------------------------------------------------------------------------------------------
+# Input
+# ---------------------------------------------------------------------------------------------
+_C.INPUT = CN()
+# Training input size (H, W).
+_C.INPUT.SIZE_TRAIN = [256, 128]
+# Test input size (H, W).
+_C.INPUT.SIZE_TEST = [256, 128]
+# Probability of a horizontal flip.
+_C.INPUT.FLIP_PROB = 0.5
+# Zero padding (pixels) before the random crop; 0 disables pad+crop.
+_C.INPUT.PADDING = 10
+# Probability of random erasing.
+_C.INPUT.RE_PROB = 0.5
+# Normalisation mean (CLIP's by default).
+_C.INPUT.PIXEL_MEAN = [0.48145466, 0.4578275, 0.40821073]
+# Normalisation std (CLIP's by default).
+_C.INPUT.PIXEL_STD = [0.26862954, 0.26130258, 0.27577711]
+# Apply the same random flip/crop to the three modalities of a sample (keeps them aligned).
+_C.INPUT.SYNC_MODALITY_AUG = True
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------
+_C.DATASETS = CN()
+# Dataset name: "RGBNT201", "RGBNT100", "MSVR310" or "Synthetic".
+_C.DATASETS.NAMES = "RGBNT201"
+# Folder holding the dataset folders (see README for the expected layouts).
+_C.DATASETS.ROOT_DIR = "./datasets"
+# Identities carved from the training set as a validation split for best-checkpoint selection.
+_C.DATASETS.VAL_IDS = 0
+
+# The synthetic tri-modal dataset, generated on first use under ROOT_DIR in RGBNT201's layout.
+_C.DATASETS.SYNTHETIC = CN()
+# Training identities.
+_C.DATASETS.SYNTHETIC.NUM_TRAIN_IDS = 60
+# Test identities.
+_C.DATASETS.SYNTHETIC.NUM_TEST_IDS = 20
+# Samples (RGB/NI/TI triplets) per identity.
+_C.DATASETS.SYNTHETIC.SAMPLES_PER_ID = 16
+# Image height in pixels.
+_C.DATASETS.SYNTHETIC.HEIGHT = 128
+# Image width in pixels.
+_C.DATASETS.SYNTHETIC.WIDTH = 64
+# Generator seed (the data are a pure function of the seed and the sizes).
+_C.DATASETS.SYNTHETIC.SEED = 0
+
+# ---------------------------------------------------------------------------------------------
+# Data loader
+# ---------------------------------------------------------------------------------------------
+_C.DATALOADER = CN()
+# Worker processes per data loader (0 loads in the main process).
+_C.DATALOADER.NUM_WORKERS = 4
+# Instances per identity in a training batch (K of P x K).
+_C.DATALOADER.NUM_INSTANCE = 8
+# Skip unreadable images (counted and logged) instead of failing.
+_C.DATALOADER.SKIP_BAD_IMAGES = False
+
+# ---------------------------------------------------------------------------------------------
+# Solver
+# ---------------------------------------------------------------------------------------------
+_C.SOLVER = CN()
+# Optimizer: "Adam", "AdamW" or "SGD".
+_C.SOLVER.OPTIMIZER = "Adam"
+# Learning rate of the non-backbone parameters.
+_C.SOLVER.BASE_LR = 3.5e-4
+# Learning rate of the backbone parameters.
+_C.SOLVER.BACKBONE_LR = 5e-6
+# Learning-rate multiplier of bias parameters.
+_C.SOLVER.BIAS_LR_FACTOR = 2.0
+# Weight decay of weights.
+_C.SOLVER.WEIGHT_DECAY = 1e-4
+# Weight decay of biases.
+_C.SOLVER.WEIGHT_DECAY_BIAS = 1e-4
+# SGD momentum.
+_C.SOLVER.MOMENTUM = 0.9
+# Training epochs.
+_C.SOLVER.MAX_EPOCHS = 50
+# Linear warm-up epochs (from WARMUP_FACTOR x lr to lr), then cosine decay per epoch.
+_C.SOLVER.WARMUP_EPOCHS = 10
+# Starting lr multiplier of the warm-up.
+_C.SOLVER.WARMUP_FACTOR = 0.01
+# Final lr multiplier of the cosine decay.
+_C.SOLVER.MIN_LR_FACTOR = 0.002
+# Images (triplets) per training batch, P x K.
+_C.SOLVER.IMS_PER_BATCH = 64
+# Evaluate every N epochs (and after the last epoch).
+_C.SOLVER.EVAL_PERIOD = 10
+# Write a checkpoint every N epochs (and after the last epoch).
+_C.SOLVER.CHECKPOINT_PERIOD = 1
+# Keep the newest N epoch checkpoints (best and last are kept separately).
+_C.SOLVER.KEEP_LAST = 2
+# Log every N iterations.
+_C.SOLVER.LOG_PERIOD = 10
+# Seed of python, numpy, torch and data-loader workers.
+_C.SOLVER.SEED = 1111
+# Deterministic algorithms (bit-reproducible on CPU; slower on CUDA).
+_C.SOLVER.DETERMINISTIC = False
+# Mixed precision: "off", "fp16" (CUDA, with grad scaler) or "bf16".
+_C.SOLVER.AMP = "off"
+# Stop after this many consecutive non-finite losses (each such step is skipped).
+_C.SOLVER.MAX_NONFINITE = 5
+# Clip the gradient norm to this value (0 disables).
+_C.SOLVER.GRAD_CLIP = 0.0
+
+# ---------------------------------------------------------------------------------------------
+# Test
+# ---------------------------------------------------------------------------------------------
+_C.TEST = CN()
+# Images per evaluation batch.
+_C.TEST.IMS_PER_BATCH = 128
+# Checkpoint evaluated by test_net.py.
+_C.TEST.WEIGHT = ""
+# Retrieval feature: "ori", "fused", "concat", "moe" or "ori+moe".
+_C.TEST.FEAT = "ori"
+# BNNeck feature used at test: "before" or "after" the BN layer.
+_C.TEST.NECK_FEAT = "before"
+# Distance: "cosine" or "euclidean" (both on L2-normalised features).
+_C.TEST.DIST = "cosine"
+# Missing modality at test time: none, r, n, t, rn, rt, nt, or all (test_net.py table).
+_C.TEST.MISS = "none"
+# Average features of the image and its horizontal flip.
+_C.TEST.FLIP = False
+# Write features, pids, camids and paths per split to this .npz file (test_net.py).
+_C.TEST.EXPORT = ""
+
+# k-reciprocal re-ranking.
+_C.TEST.RERANK = CN()
+# Enable re-ranking.
+_C.TEST.RERANK.ENABLED = False
+# k1 of k-reciprocal re-ranking.
+_C.TEST.RERANK.K1 = 20
+# k2 of k-reciprocal re-ranking.
+_C.TEST.RERANK.K2 = 6
+# lambda of k-reciprocal re-ranking (weight of the original distance).
+_C.TEST.RERANK.LAMBDA = 0.3
+
+# ---------------------------------------------------------------------------------------------
+# Misc
+# ---------------------------------------------------------------------------------------------
+# Output folder: logs, config.yaml, checkpoints, TensorBoard events.
+_C.OUTPUT_DIR = "./output"
+
+
+def get_cfg_defaults() -> CN:
+    """Return a fresh, mutable copy of the defaults."""
+    return _C.clone()
