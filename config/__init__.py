@@ -1,0 +1,164 @@
+"""Configuration: defaults, command-line parsing and validation (detectron2's habits).
+
+``setup(args)`` clones the defaults, merges the config file, merges trailing ``KEY VALUE`` pairs,
+applies the ``--init_scale/--init_bias`` shortcuts, validates, and freezes.
+"""
+import argparse
+import os
+from typing import List, Optional
+
+import yaml
+from yacs.config import CfgNode
+
+from config.defaults import get_cfg_defaults
+
+# Allowed values of the enumerated keys: a wrong value fails early, naming the key.
+CHOICES = {
+    "DATASETS.NAMES": ("RGBNT201", "RGBNT100", "MSVR310", "Synthetic"),
+    "SOLVER.OPTIMIZER": ("Adam", "AdamW", "SGD"),
+    "SOLVER.AMP": ("off", "fp16", "bf16"),
+    "TEST.FEAT": ("ori", "fused", "concat", "moe", "ori+moe"),
+    "TEST.NECK_FEAT": ("before", "after"),
+    "TEST.DIST": ("cosine", "euclidean"),
+    "TEST.MISS": ("none", "r", "n", "t", "rn", "rt", "nt", "all"),
+    "MODEL.SDTPS.SCORE_COMBINE": ("mean", "learned"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value or combination that cannot work; the message names the key."""
+
+
+def default_argument_parser(description: str = "Multi-modal ReID") -> argparse.ArgumentParser:
+    """The shared CLI of train_net.py and test_net.py."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Trailing KEY VALUE pairs override the config file, e.g.\n"
+        "  SOLVER.MAX_EPOCHS 5 MODEL.SDTPS.ENABLED True",
+    )
+    parser.add_argument("--config_file", default="", metavar="FILE", help="path to a yaml config")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in OUTPUT_DIR"
+    )
+    parser.add_argument(
+        "--init_scale",
+        type=float,
+        default=None,
+        help="initial per-head scale of the SDTPS cosine gate (sets MODEL.SDTPS.GATE_INIT_SCALE; "
+        "overrides the file and opts)",
+    )
+    parser.add_argument(
+        "--init_bias",
+        type=float,
+        default=None,
+        help="initial per-head bias of the SDTPS cosine gate (sets MODEL.SDTPS.GATE_INIT_BIAS; "
+        "overrides the file and opts)",
+    )
+    parser.add_argument(
+        "opts", default=None, nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs"
+    )
+    return parser
+
+
+def _get(cfg: CfgNode, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def validate_cfg(cfg: CfgNode) -> None:
+    """Check enumerated values and cross-key constraints; raise ConfigError naming the key."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
+    batch, instances = cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_INSTANCE
+    if instances < 1 or batch < instances or batch % instances != 0:
+        raise ConfigError(
+            f"SOLVER.IMS_PER_BATCH ({batch}) must be a positive multiple of "
+            f"DATALOADER.NUM_INSTANCE ({instances}) (a batch is P identities x K instances)"
+        )
+    if not 0.0 < cfg.MODEL.SDTPS.SPARSE_RATIO <= 1.0:
+        raise ConfigError(f"MODEL.SDTPS.SPARSE_RATIO must be in (0, 1], got {cfg.MODEL.SDTPS.SPARSE_RATIO}")
+    if not 0.0 < cfg.MODEL.DGAF.INIT_ALPHA < 1.0:
+        raise ConfigError(f"MODEL.DGAF.INIT_ALPHA must be in (0, 1), got {cfg.MODEL.DGAF.INIT_ALPHA}")
+    if cfg.MODEL.ATMOE.ENABLED and not cfg.MODEL.HDM.ENABLED:
+        raise ConfigError("MODEL.ATMOE.ENABLED needs MODEL.HDM.ENABLED (ATMoE mixes HDM's features)")
+    if cfg.TEST.FEAT == "fused" and not (cfg.MODEL.SDTPS.ENABLED or cfg.MODEL.DGAF.ENABLED):
+        raise ConfigError("TEST.FEAT fused needs MODEL.SDTPS.ENABLED or MODEL.DGAF.ENABLED")
+    if cfg.TEST.FEAT in ("moe", "ori+moe") and not cfg.MODEL.ATMOE.ENABLED:
+        raise ConfigError(f"TEST.FEAT {cfg.TEST.FEAT} needs MODEL.ATMOE.ENABLED")
+    if cfg.DATASETS.VAL_IDS < 0:
+        raise ConfigError("DATASETS.VAL_IDS must be >= 0")
+
+
+def merge_opts(cfg: CfgNode, opts: Optional[List[str]]) -> None:
+    """Merge trailing KEY VALUE pairs with errors that name the offending key."""
+    if not opts:
+        return
+    if len(opts) % 2 != 0:
+        raise ConfigError(
+            f"config overrides must be KEY VALUE pairs; got an odd number of items: {' '.join(opts)}"
+        )
+    for key, value in zip(opts[0::2], opts[1::2]):
+        try:
+            cfg.merge_from_list([key, value])
+        except (KeyError, AssertionError) as exc:
+            raise ConfigError(f"unknown config key: {key}") from exc
+        except ValueError as exc:
+            raise ConfigError(f"bad value for config key {key}: {exc}") from exc
+
+
+def merge_file(cfg: CfgNode, path: str, _seen=()) -> None:
+    """Merge a yaml file, with errors that name the file and the offending key.
+
+    A file may start with ``_BASE_: other.yml`` (relative to the file): the base is merged first.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    if os.path.abspath(path) in _seen:
+        raise ConfigError(f"{path}: _BASE_ cycle through {', '.join(_seen)}")
+    with open(path) as f:
+        try:
+            content = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid yaml: {exc}") from exc
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys")
+    base = content.pop("_BASE_", None)
+    if base:
+        merge_file(cfg, os.path.join(os.path.dirname(path), base), _seen + (os.path.abspath(path),))
+    try:
+        cfg.merge_from_other_cfg(CfgNode(content))
+    except (KeyError, AssertionError) as exc:
+        raise ConfigError(f"{path}: unknown config key: {exc.args[0]}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def build_cfg(
+    config_file: str = "",
+    opts: Optional[List[str]] = None,
+    init_scale: Optional[float] = None,
+    init_bias: Optional[float] = None,
+    freeze: bool = True,
+) -> CfgNode:
+    """Defaults <- file <- opts <- --init_scale/--init_bias, validated (and frozen)."""
+    cfg = get_cfg_defaults()
+    if config_file:
+        merge_file(cfg, config_file)
+    merge_opts(cfg, opts)
+    if init_scale is not None:
+        cfg.MODEL.SDTPS.GATE_INIT_SCALE = float(init_scale)
+    if init_bias is not None:
+        cfg.MODEL.SDTPS.GATE_INIT_BIAS = float(init_bias)
+    validate_cfg(cfg)
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def cfg_from_args(args: argparse.Namespace) -> CfgNode:
+    return build_cfg(args.config_file, args.opts, args.init_scale, args.init_bias)

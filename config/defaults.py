@@ -21,6 +21,9 @@ _C.MODEL.BACKBONE_DEPTH = 0
 # Local pretrained weights: a timm/torch state dict, or an OpenAI CLIP checkpoint
 # (TorchScript archive or state dict with ``visual.*`` keys). Empty: random init (logged).
 _C.MODEL.PRETRAIN_PATH = ""
+# Project tokens to this width after the final LayerNorm (CLIP's 512-d projection); 0 keeps the
+# backbone width (no projection).
+_C.MODEL.PROJ_DIM = 512
 # Patch-embedding stride (H, W); smaller than the patch size gives overlapping patches.
 _C.MODEL.STRIDE_SIZE = [16, 16]
 # Stochastic depth rate of the backbone.

@@ -1,0 +1,99 @@
+"""Config merging, validation and the command-line shortcuts."""
+import pytest
+import yaml
+
+from config import ConfigError, build_cfg, default_argument_parser, cfg_from_args
+from config.defaults import get_cfg_defaults
+
+
+def test_every_default_key_has_a_comment():
+    text = open("config/defaults.py").read().splitlines()
+    for i, line in enumerate(text):
+        if line.startswith("_C.") and "= CN()" not in line:
+            assert text[i - 1].lstrip().startswith("#"), f"no comment above: {line}"
+
+
+def test_unknown_key_in_opts_names_the_key():
+    with pytest.raises(ConfigError, match="MODEL.NOT_A_KEY"):
+        build_cfg("", ["MODEL.NOT_A_KEY", "1"])
+
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path):
+    path = tmp_path / "bad.yml"
+    path.write_text("SOLVER:\n  MAX_EPOCH: 3\n")
+    with pytest.raises(ConfigError) as err:
+        build_cfg(str(path))
+    assert "MAX_EPOCH" in str(err.value) and "bad.yml" in str(err.value)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match="SOLVER.MAX_EPOCHS"):
+        build_cfg("", ["SOLVER.MAX_EPOCHS", "'ten'"])
+
+
+def test_flags_are_booleans():
+    cfg = build_cfg("", ["MODEL.SDTPS.ENABLED", "True"])
+    assert cfg.MODEL.SDTPS.ENABLED is True
+    with pytest.raises(ConfigError, match="MODEL.SDTPS.GATE_NORM"):
+        build_cfg("", ["MODEL.SDTPS.GATE_NORM", "yes"])
+
+
+def test_odd_number_of_opts():
+    with pytest.raises(ConfigError, match="KEY VALUE pairs"):
+        build_cfg("", ["SOLVER.MAX_EPOCHS"])
+
+
+def test_enumerated_values_are_checked():
+    with pytest.raises(ConfigError, match="TEST.FEAT"):
+        build_cfg("", ["TEST.FEAT", "everything"])
+    with pytest.raises(ConfigError, match="SOLVER.AMP"):
+        build_cfg("", ["SOLVER.AMP", "fp8"])
+
+
+def test_batch_must_be_multiple_of_instances():
+    with pytest.raises(ConfigError, match="IMS_PER_BATCH"):
+        build_cfg("", ["SOLVER.IMS_PER_BATCH", "30", "DATALOADER.NUM_INSTANCE", "8"])
+
+
+def test_missing_config_file_names_path():
+    with pytest.raises(FileNotFoundError, match="nowhere.yml"):
+        build_cfg("configs/nowhere.yml")
+
+
+def test_base_inheritance_and_override_order(tmp_path):
+    (tmp_path / "base.yml").write_text("SOLVER:\n  MAX_EPOCHS: 7\n  SEED: 3\n")
+    (tmp_path / "child.yml").write_text("_BASE_: base.yml\nSOLVER:\n  SEED: 5\n")
+    cfg = build_cfg(str(tmp_path / "child.yml"), ["SOLVER.SEED", "9"])
+    assert cfg.SOLVER.MAX_EPOCHS == 7 and cfg.SOLVER.SEED == 9
+    assert cfg.is_frozen()
+
+
+def test_init_scale_bias_override_file_and_opts(tmp_path):
+    path = tmp_path / "c.yml"
+    path.write_text("MODEL:\n  SDTPS:\n    GATE_INIT_SCALE: 1.0\n")
+    parser = default_argument_parser()
+    args = parser.parse_args(["--config_file", str(path), "--init_scale", "0.3", "--init_bias", "0.7",
+                              "MODEL.SDTPS.GATE_INIT_BIAS", "0.1"])
+    cfg = cfg_from_args(args)
+    assert cfg.MODEL.SDTPS.GATE_INIT_SCALE == pytest.approx(0.3)
+    assert cfg.MODEL.SDTPS.GATE_INIT_BIAS == pytest.approx(0.7)
+    dumped = yaml.safe_load(cfg.dump())
+    assert dumped["MODEL"]["SDTPS"]["GATE_INIT_SCALE"] == pytest.approx(0.3)
+
+
+def test_help_lists_init_flags(capsys):
+    with pytest.raises(SystemExit):
+        default_argument_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--init_scale" in out and "--init_bias" in out and "--resume" in out
+
+
+def test_defaults_are_not_shared():
+    a = get_cfg_defaults()
+    a.SOLVER.SEED = 42
+    assert get_cfg_defaults().SOLVER.SEED != 42
+
+
+@pytest.mark.parametrize("path", __import__("glob").glob("configs/**/*.yml", recursive=True))
+def test_shipped_configs_load(path):
+    build_cfg(path)
