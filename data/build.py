@@ -1,0 +1,186 @@
+"""Data loaders for training and evaluation, built from the config.
+
+A batch is a dict:
+    images  (B, 3, 3, H, W) float  modality order RGB, NI, TI; normalised
+    pids    (B,) long              (train: relabelled 0..num_classes-1)
+    camids  (B,) long              0-based
+    sceneids (B,) long             MSVR310 scenes, -1 elsewhere
+    index   (B,) long              position of the sample in its split list
+    masks   (B, H, W) float        foreground masks (evaluation of the synthetic dataset only)
+    num_skipped int                unreadable images skipped in this batch (SKIP_BAD_IMAGES)
+"""
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from data.datasets import BadImageError, ReIDDataset, Sample, build_dataset, read_triplet
+from data.samplers import RandomIdentitySampler, ShardSampler
+from data.transforms import (TriModalTestTransform, TriModalTrainTransform, mask_to_tensor,
+                             pil_triplet_to_tensor)
+from utils.logger import get_logger
+from utils.seed import worker_init_fn
+
+
+class TriModalImageDataset(Dataset):
+    """Reads RGB/NI/TI triplets of ``samples`` and applies ``transform`` to (3, 3, H, W)."""
+
+    def __init__(self, samples: List[Sample], size, transform, with_masks: bool = False,
+                 skip_bad_images: bool = False):
+        self.samples = samples
+        self.size = size
+        self.transform = transform
+        self.with_masks = with_masks
+        self.skip_bad_images = skip_bad_images
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Optional[dict]:
+        sample = self.samples[index]
+        try:
+            images = read_triplet(sample)
+        except BadImageError as exc:
+            if not self.skip_bad_images:
+                raise
+            get_logger().warning("skipping unreadable image: %s", exc)
+            return None
+        item = {
+            "images": self.transform(pil_triplet_to_tensor(images, self.size)),
+            "pids": sample.pid,
+            "camids": sample.camid,
+            "sceneids": sample.sceneid,
+            "index": index,
+        }
+        if self.with_masks and sample.mask_path:
+            with Image.open(sample.mask_path) as mask:
+                item["masks"] = mask_to_tensor(mask, self.size)
+        return item
+
+
+def collate_skipping(items: List[Optional[dict]]) -> dict:
+    """Stack the dict items of a batch, dropping the ``None`` of skipped images."""
+    kept = [it for it in items if it is not None]
+    batch = {"num_skipped": len(items) - len(kept)}
+    if not kept:
+        return batch
+    for key in kept[0]:
+        values = [it[key] for it in kept]
+        batch[key] = torch.stack(values) if torch.is_tensor(values[0]) else torch.tensor(values)
+    return batch
+
+
+@dataclass
+class EvalSet:
+    """One retrieval problem: the loader yields query samples then gallery samples.
+
+    When ``shared`` is true the query list IS the gallery list (RGBNT201 protocol: every test
+    sample is queried against all others; same pid + same camera is removed as junk).
+    """
+
+    name: str
+    loader: DataLoader
+    num_query: int
+    shared: bool
+    uses_scenes: bool
+    samples: List[Sample]
+
+
+@dataclass
+class DataBundle:
+    train_loader: DataLoader
+    train_sampler: RandomIdentitySampler
+    eval_sets: Dict[str, EvalSet]
+    num_classes: int
+    num_cams: int
+    dataset: ReIDDataset
+
+
+def split_validation(train: List[Sample], num_val_ids: int, seed: int):
+    """Carve ``num_val_ids`` identities out of the training split.
+
+    Returns (train samples relabelled 0..n-1, validation samples with their original labels).
+    """
+    pids = sorted({s.pid for s in train})
+    if num_val_ids >= len(pids):
+        raise ValueError(
+            f"DATASETS.VAL_IDS ({num_val_ids}) must be smaller than the number of training "
+            f"identities ({len(pids)})"
+        )
+    rng = np.random.default_rng(seed)
+    val_pids = set(int(p) for p in rng.choice(pids, size=num_val_ids, replace=False))
+    remaining = sorted(p for p in pids if p not in val_pids)
+    relabel = {p: i for i, p in enumerate(remaining)}
+    new_train = [replace(s, pid=relabel[s.pid]) for s in train if s.pid in relabel]
+    val = [s for s in train if s.pid in val_pids]
+    return new_train, val
+
+
+def _eval_loader(cfg, samples, with_masks, rank, world_size) -> DataLoader:
+    transform = TriModalTestTransform(cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)
+    dataset = TriModalImageDataset(samples, cfg.INPUT.SIZE_TEST, transform, with_masks,
+                                   cfg.DATALOADER.SKIP_BAD_IMAGES)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.TEST.IMS_PER_BATCH,
+        sampler=ShardSampler(len(samples), rank, world_size),
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        collate_fn=collate_skipping,
+        worker_init_fn=worker_init_fn,
+        persistent_workers=False,
+    )
+
+
+def build_data(cfg, rank: int = 0, world_size: int = 1) -> DataBundle:
+    """Dataset, identity-sampled training loader and evaluation sets (``test``, and ``val`` when
+    ``DATASETS.VAL_IDS > 0``)."""
+    logger = get_logger()
+    synthetic = dict(
+        num_train_ids=cfg.DATASETS.SYNTHETIC.NUM_TRAIN_IDS,
+        num_test_ids=cfg.DATASETS.SYNTHETIC.NUM_TEST_IDS,
+        samples_per_id=cfg.DATASETS.SYNTHETIC.SAMPLES_PER_ID,
+        height=cfg.DATASETS.SYNTHETIC.HEIGHT,
+        width=cfg.DATASETS.SYNTHETIC.WIDTH,
+        seed=cfg.DATASETS.SYNTHETIC.SEED,
+    )
+    dataset = build_dataset(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR, synthetic)
+    logger.info("dataset %s under %s\n%s", dataset.name, cfg.DATASETS.ROOT_DIR,
+                dataset.statistics_table())
+
+    train = dataset.train
+    eval_sets = {}
+    with_masks = any(s.mask_path for s in dataset.query)
+    if cfg.DATASETS.VAL_IDS > 0:
+        train, val = split_validation(train, cfg.DATASETS.VAL_IDS, cfg.SOLVER.SEED)
+        logger.info("validation split: %d identities, %d triplets carved from training",
+                    cfg.DATASETS.VAL_IDS, len(val))
+        eval_sets["val"] = EvalSet("val", _eval_loader(cfg, val, False, rank, world_size),
+                                   len(val), True, dataset.uses_scenes, val)
+    shared = dataset.query is dataset.gallery or dataset.query == dataset.gallery
+    test_samples = list(dataset.query) if shared else list(dataset.query) + list(dataset.gallery)
+    eval_sets["test"] = EvalSet("test", _eval_loader(cfg, test_samples, with_masks, rank, world_size),
+                                len(dataset.query), shared, dataset.uses_scenes, test_samples)
+
+    num_classes = len({s.pid for s in train})
+    per_rank_batch = cfg.SOLVER.IMS_PER_BATCH // world_size
+    sampler = RandomIdentitySampler([s.pid for s in train], cfg.SOLVER.IMS_PER_BATCH,
+                                    cfg.DATALOADER.NUM_INSTANCE, cfg.SOLVER.SEED, rank, world_size)
+    transform = TriModalTrainTransform(cfg.INPUT.FLIP_PROB, cfg.INPUT.PADDING, cfg.INPUT.RE_PROB,
+                                       cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD,
+                                       cfg.INPUT.SYNC_MODALITY_AUG)
+    train_loader = DataLoader(
+        TriModalImageDataset(train, cfg.INPUT.SIZE_TRAIN, transform, False,
+                             cfg.DATALOADER.SKIP_BAD_IMAGES),
+        batch_size=per_rank_batch,
+        sampler=sampler,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        collate_fn=collate_skipping,
+        worker_init_fn=worker_init_fn,
+        generator=torch.Generator(),
+        drop_last=True,
+        persistent_workers=False,
+    )
+    return DataBundle(train_loader, sampler, eval_sets, num_classes, dataset.num_cams, dataset)

@@ -1,0 +1,113 @@
+"""Identity sampler: batches of P identities x K instances, reproducible per epoch, DDP-aware.
+
+Every rank builds the same global list of P x K batches from ``seed + epoch`` and takes its own
+slice of each global batch (whole identities), so the global batch equals
+``SOLVER.IMS_PER_BATCH`` and no two ranks draw the same identity group in a step.
+"""
+from collections import defaultdict
+from typing import Iterator, List, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from utils.logger import get_logger
+
+
+class RandomIdentitySampler(Sampler[int]):
+    """Yields dataset indices; every consecutive ``batch_size // world_size`` indices form this
+    rank's part of one global P x K batch.
+
+    Args:
+        pids: identity of each training sample.
+        batch_size: global batch size P x K (``SOLVER.IMS_PER_BATCH``).
+        num_instances: K, instances per identity.
+        seed: shared seed; the batches of epoch e come from ``seed + e`` (call ``set_epoch``).
+        rank, world_size: this process's slice of each global batch.
+
+    An identity with fewer than K samples is drawn with replacement (a warning says how many).
+    """
+
+    def __init__(self, pids: Sequence[int], batch_size: int, num_instances: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size % num_instances != 0:
+            raise ValueError(
+                f"batch size {batch_size} is not divisible by instances per identity {num_instances}"
+            )
+        self.num_pids_per_batch = batch_size // num_instances
+        if self.num_pids_per_batch % world_size != 0:
+            raise ValueError(
+                f"identities per batch ({self.num_pids_per_batch}) must be divisible by the number "
+                f"of processes ({world_size})"
+            )
+        self.num_instances = num_instances
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.index_dict = defaultdict(list)
+        for index, pid in enumerate(pids):
+            self.index_dict[int(pid)].append(index)
+        self.pids = sorted(self.index_dict)
+        if len(self.pids) < self.num_pids_per_batch:
+            raise ValueError(
+                f"a batch needs {self.num_pids_per_batch} identities but the training split has "
+                f"only {len(self.pids)}; lower SOLVER.IMS_PER_BATCH or raise DATALOADER.NUM_INSTANCE"
+            )
+        short = [p for p in self.pids if len(self.index_dict[p]) < num_instances]
+        if short:
+            get_logger().warning(
+                "%d of %d identities have fewer than %d images; they are sampled with replacement",
+                len(short), len(self.pids), num_instances)
+        self._length = len(self._global_batches(0)) * (batch_size // world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _global_batches(self, epoch: int) -> List[List[int]]:
+        rng = np.random.default_rng(self.seed + epoch)
+        chunks = {}
+        for pid in self.pids:
+            idxs = list(self.index_dict[pid])
+            if len(idxs) < self.num_instances:
+                idxs = list(rng.choice(idxs, size=self.num_instances, replace=True))
+            idxs = [idxs[i] for i in rng.permutation(len(idxs))]
+            usable = len(idxs) - len(idxs) % self.num_instances
+            chunks[pid] = [idxs[i:i + self.num_instances] for i in range(0, usable, self.num_instances)]
+        batches = []
+        available = [p for p in self.pids if chunks[p]]
+        while len(available) >= self.num_pids_per_batch:
+            chosen = rng.choice(len(available), size=self.num_pids_per_batch, replace=False)
+            batch = []
+            for i in sorted(chosen):
+                batch.extend(int(x) for x in chunks[available[i]].pop(0))
+            batches.append(batch)
+            available = [p for p in available if chunks[p]]
+        return batches
+
+    def __iter__(self) -> Iterator[int]:
+        per_rank = self.num_pids_per_batch // self.world_size * self.num_instances
+        for batch in self._global_batches(self.epoch):
+            yield from batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def __len__(self) -> int:
+        """Indices per epoch for this rank (exact for epoch 0; later epochs may differ by a batch)."""
+        return self._length
+
+
+class ShardSampler(Sampler[int]):
+    """Contiguous, non-overlapping shard of ``range(num_samples)`` for one rank (evaluation).
+
+    Shards are concatenated in rank order after gathering, so every sample is seen exactly once
+    and the original order is kept (unlike DistributedSampler, which pads with duplicates).
+    """
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1):
+        per_rank = -(-num_samples // world_size)
+        self.start = min(num_samples, rank * per_rank)
+        self.end = min(num_samples, (rank + 1) * per_rank)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.end))
+
+    def __len__(self) -> int:
+        return self.end - self.start
