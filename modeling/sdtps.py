@@ -1,0 +1,405 @@
+"""SDTPS: cosine-gated cross-modal attention scores and top-K patch selection for RGB / NI / TI.
+
+Two modules live here:
+
+* :class:`CrossModalAttention` scores the N patches of one modality against one guiding global
+  vector (one "pair"). It is the readable reference of the maths.
+* :class:`MultiModalSDTPS` scores the 9 pairs (3 patch modalities x 3 guides) in one batched pass
+  (stacked ``(9, ...)`` parameters + ``einsum``), combines the three guides' scores per modality,
+  keeps the top-K patches and returns the masked tokens. Its per-pair results are identical to
+  9 :class:`CrossModalAttention` calls with the same weights (see :meth:`MultiModalSDTPS.pair_module`).
+
+Shapes: B batch, M = 3 modalities (RGB, NI, TI in that order), N patches, C channels, H heads,
+d = C / H head dim.
+
+Gradient path of the selection (straight-through estimator)
+------------------------------------------------------------
+The hard top-K mask has no gradient. The tokens are therefore multiplied by a weight
+``w = hard + (s - s.detach())``, where ``s`` (B, M, N) is the soft combined score in [0, 1].
+In the forward pass ``s - s.detach()`` is exactly 0.0, so ``w`` is exactly the 0/1 mask: dropped
+tokens are exactly zero and kept tokens are exactly the patches. In the backward pass
+``dL/ds_n = <dL/dtoken_n, patch_n>``, which flows through the min-max normalisation, the guide
+combination (and its learned weights), the head mean, the gate (per-head scale and bias) and the
+softmax attention (query and key projections) to every SDTPS parameter. Positions that a
+downstream module ignores (DGAF's key padding mask, :func:`masked_mean`) receive no gradient, so
+the signal comes from the kept tokens: "would scaling this kept token up lower the loss?".
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODALITIES = ("RGB", "NI", "TI")
+# GUIDE_ORDER[m]: the guides of modality m's three scorers, the modality itself first, then the
+# two others in MODALITIES order. Pair p = 3 * m + j scores modality m's patches with guide
+# GUIDE_ORDER[m][j].
+GUIDE_ORDER = ((0, 1, 2), (1, 0, 2), (2, 0, 1))
+# "patches<-guide" name of each of the 9 pairs, in pair order (for logging).
+PAIR_NAMES = tuple(f"{MODALITIES[m]}<-{MODALITIES[g]}" for m in range(3) for g in GUIDE_ORDER[m])
+
+# Variance floor of the gate normalisation: the standardised cosine is
+# (cos - mean) / sqrt(var + GATE_NORM_EPS), so its derivative w.r.t. cos is at most
+# 1 / sqrt(GATE_NORM_EPS) = 10, whatever the spread of the cosines (no 1/sqrt(1e-5) blow-up).
+GATE_NORM_EPS = 1e-2
+# Added to the denominator of the optional attention renormalisation.
+RENORM_EPS = 1e-8
+# Added to (max - min) of the per-sample min-max score normalisation.
+MINMAX_EPS = 1e-8
+# Norm floor of the cosine similarity.
+COS_EPS = 1e-8
+
+SCORE_COMBINES = ("mean", "learned")
+
+
+def num_kept(num_patches: int, sparse_ratio: float) -> int:
+    """K = max(1, ceil(N * sparse_ratio)), robust to float noise (N=10, ratio=0.7 gives 7, not 8)."""
+    if not 0.0 < sparse_ratio <= 1.0:
+        raise ValueError(f"sparse_ratio must be in (0, 1], got {sparse_ratio}")
+    # 10 * 0.7 == 7.000000000000001 in binary floating point; rounding to 6 decimals first keeps
+    # the intended integer while leaving genuine fractions (128 * 0.7 = 89.6 -> 90) untouched.
+    return max(1, math.ceil(round(num_patches * sparse_ratio, 6)))
+
+
+def masked_mean(tokens: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the kept positions only.
+
+    Args:
+        tokens: (B, M, N, C).
+        keep_mask: (B, M, N) bool, True = kept.
+    Returns:
+        (B, M, C); a row with no kept position gives zeros.
+    """
+    weight = keep_mask.to(tokens.dtype).unsqueeze(-1)  # (B, M, N, 1)
+    count = weight.sum(dim=-2).clamp_min(1.0)  # (B, M, 1)
+    return (tokens * weight).sum(dim=-2) / count
+
+
+def _cosine(patches: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+    """Cosine of every patch with its guide: patches (..., N, C), guide (..., C) -> (..., N).
+
+    Same value as ``F.normalize(patches) @ F.normalize(guide)``, but the patches are divided by
+    their norm after the dot product, so no normalised copy of the (large) patch tensor is made.
+    """
+    g = F.normalize(guide, dim=-1, eps=COS_EPS)
+    dots = torch.matmul(patches, g.unsqueeze(-1)).squeeze(-1)
+    return dots / patches.norm(dim=-1).clamp_min(COS_EPS)
+
+
+def _gate_logits(
+    cos: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, gate_norm: bool, eps: float
+) -> torch.Tensor:
+    """Per-head gate logits from the cosines.
+
+    Args:
+        cos: (..., N) cosines, shared by the heads.
+        scale, bias: (..., H) per-head affine parameters (leading dims broadcast against cos's).
+        gate_norm: standardise cos over the N patches of each sample first.
+        eps: variance floor of the standardisation.
+    Returns:
+        (..., H, N) logits ``cos' * scale_h + bias_h`` with cos' = cos or its standardised version.
+    """
+    if gate_norm:
+        mean = cos.mean(dim=-1, keepdim=True)
+        var = cos.var(dim=-1, correction=0, keepdim=True)
+        cos = (cos - mean) * torch.rsqrt(var + eps)
+    return cos.unsqueeze(-2) * scale.unsqueeze(-1) + bias.unsqueeze(-1)
+
+
+def _gated_scores(attn: torch.Tensor, gate: torch.Tensor, renorm_attn: bool):
+    """attn, gate (..., H, N) -> (gated attention (..., H, N), score = head mean (..., N))."""
+    gated = attn * gate
+    if renorm_attn:
+        gated = gated / (gated.sum(dim=-1, keepdim=True) + RENORM_EPS)
+    return gated, gated.mean(dim=-2)
+
+
+class PairScores(NamedTuple):
+    """Scores of one pair (CrossModalAttention) or of the 9 pairs (MultiModalSDTPS).
+
+    Leading dims L are (B,) for one pair and (B, 3, 3) for the batched 9 pairs
+    (modality m, guide slot j; guide = GUIDE_ORDER[m][j]).
+    """
+
+    score: torch.Tensor  # (L..., N) head mean of the gated attention (before min-max)
+    attn: torch.Tensor  # (L..., H, N) softmax attention over N
+    gate: torch.Tensor  # (L..., H, N) sigmoid gate in (0, 1)
+    attn_gated: torch.Tensor  # (L..., H, N) attn * gate (renormalised over N if renorm_attn)
+    cos: torch.Tensor  # (L..., N) raw cosine between each patch and the guide
+
+
+class CrossModalAttention(nn.Module):
+    """Cosine-gated attention of one guiding global vector over N patches (one pair).
+
+    For patches P (B, N, C) and a guide g (B, C), with H heads of size d = C / H:
+
+    1. ``q = W_q g + b_q`` and ``k = W_k P``; ``attn = softmax_N(q_h . k_h / sqrt(d))`` (B, H, N).
+       The key projection has no bias: ``q_h . b_k`` is the same for every patch and softmax over
+       N ignores it, so a key bias could never receive a gradient (it would be dead weight).
+    2. ``cos = cosine(P_n, g)`` in the raw feature space, (B, N), shared by all heads.
+    3. ``gate_logits_h = cos * scale_h + bias_h`` with learnable per-head ``scale`` and ``bias``
+       initialised to ``gate_init_scale`` and ``gate_init_bias``.
+    4. Gate normalisation (``gate_norm``, default off): cos is standardised over the N patches of
+       each sample BEFORE the per-head affine, ``cos' = (cos - mean_N) / sqrt(var_N + eps)``, with
+       ``eps = gate_norm_eps`` (1e-2). The logits then have a per-head spread set by ``scale_h``
+       alone, independent of the patch count and of the raw cosines' offset and spread. Because
+       the standardisation runs over N (not over the heads) it keeps the cosine ranking even when
+       all heads start equal, and ``d cos'/d cos <= 1/sqrt(eps) = 10`` bounds the gradient gain.
+       ``gate = sigmoid(gate_logits)`` (B, H, N).
+    5. ``attn_gated = attn * gate``; with ``renorm_attn`` it is divided by its sum over N
+       (+ 1e-8) so that each head's weights sum to 1.
+    6. ``score = mean_h attn_gated`` (B, N).
+
+    At the default init (scale 0.5, bias 0.5) the gate for cosines -1, -0.5, 0, 0.5, 1 is
+    0.500, 0.562, 0.622, 0.679, 0.731; with scale 1, bias 0 it is 0.269, 0.378, 0.500, 0.622, 0.731.
+    The attention, gate and score are computed in float32 (also under autocast).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 4,
+        gate_init_scale: float = 0.5,
+        gate_init_bias: float = 0.5,
+        gate_norm: bool = False,
+        renorm_attn: bool = False,
+        gate_norm_eps: float = GATE_NORM_EPS,
+    ):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.gate_norm, self.renorm_attn, self.gate_norm_eps = gate_norm, renorm_attn, gate_norm_eps
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.gate_scale = nn.Parameter(torch.full((num_heads,), float(gate_init_scale)))
+        self.gate_bias = nn.Parameter(torch.full((num_heads,), float(gate_init_bias)))
+
+    def gate_from_cos(self, cos: torch.Tensor) -> torch.Tensor:
+        """Gate for given cosines: cos (B, N) -> (B, H, N)."""
+        return torch.sigmoid(
+            _gate_logits(cos, self.gate_scale, self.gate_bias, self.gate_norm, self.gate_norm_eps)
+        )
+
+    def forward(self, patches: torch.Tensor, guide: torch.Tensor) -> PairScores:
+        """patches (B, N, C), guide (B, C) -> PairScores with score (B, N), attn/gate (B, H, N)."""
+        b, n, _ = patches.shape
+        q = self.q_proj(guide).view(b, self.num_heads, self.head_dim)  # (B, H, d)
+        k = self.k_proj(patches).view(b, n, self.num_heads, self.head_dim)  # (B, N, H, d)
+        logits = torch.einsum("bhd,bnhd->bhn", q, k) / math.sqrt(self.head_dim)
+        attn = logits.float().softmax(dim=-1)
+        cos = _cosine(patches, guide).float()
+        gate = self.gate_from_cos(cos)
+        attn_gated, score = _gated_scores(attn, gate, self.renorm_attn)
+        return PairScores(score, attn, gate, attn_gated, cos)
+
+
+class SDTPSDiagnostics(NamedTuple):
+    """Detached tensors for logging (see :func:`diagnostics_summary`)."""
+
+    gates: torch.Tensor  # (B, 3, 3, H, N) gate of each pair (modality m, guide slot j)
+    pair_scores: torch.Tensor  # (B, 3, 3, N) min-max normalised score of each pair
+    guide_agreement: torch.Tensor  # (B, 3, 3) share of the K kept positions that guide j's own
+    # top-K also keeps (1 = that guide alone would select exactly the same patches)
+    combine_weights: torch.Tensor  # (3, 3) weight of each guide per modality (1/3 for "mean")
+
+
+class SDTPSOutput(NamedTuple):
+    tokens: torch.Tensor  # (B, 3, N, C) patches * STE weight: dropped exactly 0, kept exactly patch
+    keep_mask: torch.Tensor  # (B, 3, N) bool, exactly K True per row
+    scores: torch.Tensor  # (B, 3, N) soft combined score in [0, 1] (carries the gradient)
+    diagnostics: SDTPSDiagnostics
+
+
+class MultiModalSDTPS(nn.Module):
+    """Token selection for the three modalities with 9 cosine-gated cross-modal scorers.
+
+    For modality m (RGB, NI, TI order) its patches are scored three times: by its own global
+    (``s_self``) and by the two other modalities' globals (``s_a``, ``s_b``), each pair with its
+    own parameters (the maths of :class:`CrossModalAttention`). The 9 pairs run in one batched pass:
+    parameters are stacked as ``(9, ...)`` in pair order ``p = 3 * m + j`` and the keys are folded
+    into the queries (``q_h . (W_k P_n)_h = (W_k,h^T q_h) . P_n``), so no (B, 9, N, C) key tensor is
+    ever built. Each pair's score is min-max normalised over N per sample, the three are combined
+    (``score_combine="mean"``, or ``"learned"``: softmax weights over the three guides per modality,
+    initialised equal) and the top K = max(1, ceil(N * sparse_ratio)) patches are kept, with the
+    straight-through weight described in the module docstring.
+
+    Args:
+        dim: channels C. num_heads: heads H per scorer (C % H == 0).
+        sparse_ratio: share of patches kept, in (0, 1].
+        gate_init_scale, gate_init_bias: initial per-head gate scale and bias.
+        gate_norm: standardise the cosines over N before the gate (see CrossModalAttention).
+        renorm_attn: renormalise the gated attention to sum to 1 over N.
+        score_combine: "mean" or "learned".
+        gate_norm_eps: variance floor of the gate normalisation.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 4,
+        sparse_ratio: float = 0.7,
+        gate_init_scale: float = 0.5,
+        gate_init_bias: float = 0.5,
+        gate_norm: bool = False,
+        renorm_attn: bool = False,
+        score_combine: str = "mean",
+        gate_norm_eps: float = GATE_NORM_EPS,
+    ):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if score_combine not in SCORE_COMBINES:
+            raise ValueError(f"score_combine must be one of {SCORE_COMBINES}, got {score_combine!r}")
+        num_kept(1, sparse_ratio)  # validates the ratio
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.sparse_ratio, self.score_combine = sparse_ratio, score_combine
+        self.gate_norm, self.renorm_attn, self.gate_norm_eps = gate_norm, renorm_attn, gate_norm_eps
+        self.gate_init_scale, self.gate_init_bias = float(gate_init_scale), float(gate_init_bias)
+        # Pair p = 3 * m + j; weights are (out, in) like nn.Linear.weight.
+        self.q_weight = nn.Parameter(torch.empty(9, dim, dim))
+        self.q_bias = nn.Parameter(torch.empty(9, dim))
+        self.k_weight = nn.Parameter(torch.empty(9, dim, dim))
+        self.gate_scale = nn.Parameter(torch.empty(9, num_heads))
+        self.gate_bias = nn.Parameter(torch.empty(9, num_heads))
+        if score_combine == "learned":
+            # (modality, guide slot) logits; zeros = equal weights = the "mean" rule at init.
+            self.combine_logits = nn.Parameter(torch.zeros(3, 3))
+        else:
+            self.register_parameter("combine_logits", None)
+        self.register_buffer("guide_index", torch.tensor(GUIDE_ORDER), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init for every pair's projections, the configured gate init."""
+        bound = 1.0 / math.sqrt(self.dim)
+        for p in range(9):
+            nn.init.kaiming_uniform_(self.q_weight.data[p], a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.k_weight.data[p], a=math.sqrt(5))
+        nn.init.uniform_(self.q_bias, -bound, bound)
+        nn.init.constant_(self.gate_scale, self.gate_init_scale)
+        nn.init.constant_(self.gate_bias, self.gate_init_bias)
+        if self.combine_logits is not None:
+            nn.init.zeros_(self.combine_logits)
+
+    # ------------------------------------------------------------------------------------------
+    def pair_module(self, pair: int) -> CrossModalAttention:
+        """A CrossModalAttention holding a copy of pair ``pair``'s weights (tests, reference)."""
+        mod = CrossModalAttention(
+            self.dim, self.num_heads, gate_norm=self.gate_norm, renorm_attn=self.renorm_attn,
+            gate_norm_eps=self.gate_norm_eps,
+        ).to(device=self.q_weight.device, dtype=self.q_weight.dtype)
+        with torch.no_grad():
+            mod.q_proj.weight.copy_(self.q_weight[pair])
+            mod.q_proj.bias.copy_(self.q_bias[pair])
+            mod.k_proj.weight.copy_(self.k_weight[pair])
+            mod.gate_scale.copy_(self.gate_scale[pair])
+            mod.gate_bias.copy_(self.gate_bias[pair])
+        return mod
+
+    def combine_weights(self) -> torch.Tensor:
+        """(3, 3) weight of guide slot j for modality m."""
+        if self.combine_logits is None:
+            return self.q_weight.new_full((3, 3), 1.0 / 3.0)
+        return self.combine_logits.softmax(dim=-1)
+
+    def pair_scores(self, patches: torch.Tensor, globals: torch.Tensor) -> PairScores:
+        """The 9 pairs in one batched pass.
+
+        Args:
+            patches: (B, 3, N, C); globals: (B, 3, C).
+        Returns:
+            PairScores with leading dims (B, 3, 3) = (batch, patch modality m, guide slot j).
+        """
+        b, m, n, c = patches.shape
+        if m != 3 or globals.shape != (b, 3, c) or c != self.dim:
+            raise ValueError(f"expected patches (B, 3, N, {self.dim}) and globals (B, 3, {self.dim}); "
+                             f"got {tuple(patches.shape)} and {tuple(globals.shape)}")
+        h, d = self.num_heads, self.head_dim
+        guides = globals[:, self.guide_index]  # (B, 3, 3, C): guide of pair (m, j)
+        q = torch.einsum("bmjc,mjoc->bmjo", guides, self.q_weight.view(3, 3, c, c))
+        q = (q + self.q_bias.view(3, 3, c)).view(b, 3, 3, h, d)
+        # Fold W_k into the query: q_h . (W_k P_n)_h = (W_k,h^T q_h) . P_n.
+        qk = torch.einsum("bmjhe,mjhec->bmjhc", q, self.k_weight.view(3, 3, h, d, c))
+        logits = torch.einsum("bmjhc,bmnc->bmjhn", qk, patches) / math.sqrt(d)
+        attn = logits.float().softmax(dim=-1)  # (B, 3, 3, H, N)
+        dots = torch.einsum("bmjc,bmnc->bmjn", F.normalize(guides, dim=-1, eps=COS_EPS), patches)
+        cos = (dots / patches.norm(dim=-1).clamp_min(COS_EPS).unsqueeze(2)).float()  # (B, 3, 3, N)
+        gate = torch.sigmoid(_gate_logits(
+            cos, self.gate_scale.view(3, 3, h), self.gate_bias.view(3, 3, h),
+            self.gate_norm, self.gate_norm_eps,
+        ))
+        attn_gated, score = _gated_scores(attn, gate, self.renorm_attn)
+        return PairScores(score, attn, gate, attn_gated, cos)
+
+    def select(
+        self, patches: torch.Tensor, pair_score: torch.Tensor, gates: Optional[torch.Tensor] = None
+    ) -> SDTPSOutput:
+        """Normalise, combine, keep the top K, apply the straight-through weight.
+
+        Args:
+            patches: (B, 3, N, C).
+            pair_score: (B, 3, 3, N) raw score of each pair (``PairScores.score``).
+            gates: (B, 3, 3, H, N) for the diagnostics (optional).
+        """
+        b, _, n, _ = patches.shape
+        s = pair_score.float()
+        s_min = s.amin(dim=-1, keepdim=True)
+        s_max = s.amax(dim=-1, keepdim=True)
+        s_norm = (s - s_min) / (s_max - s_min + MINMAX_EPS)  # (B, 3, 3, N) in [0, 1]
+        weights = self.combine_weights().to(s.dtype)
+        if self.combine_logits is None:
+            combined = s_norm.mean(dim=2)
+        else:
+            combined = torch.einsum("bmjn,mj->bmn", s_norm, weights)  # (B, 3, N)
+        k = num_kept(n, self.sparse_ratio)
+        keep_idx = combined.detach().topk(k, dim=-1).indices
+        keep_mask = torch.zeros_like(combined, dtype=torch.bool).scatter_(-1, keep_idx, True)
+        # Straight-through: forward value exactly keep_mask (s - s.detach() == 0.0), backward d/ds.
+        ste = keep_mask.to(combined.dtype) + (combined - combined.detach())
+        tokens = patches * ste.to(patches.dtype).unsqueeze(-1)
+        with torch.no_grad():
+            guide_idx = s_norm.topk(k, dim=-1).indices  # (B, 3, 3, K)
+            guide_mask = torch.zeros_like(s_norm, dtype=torch.bool).scatter_(-1, guide_idx, True)
+            agreement = (guide_mask & keep_mask.unsqueeze(2)).sum(dim=-1).float() / k
+            if gates is None:
+                gates = s_norm.new_empty(b, 3, 3, self.num_heads, 0)
+            diag = SDTPSDiagnostics(gates.detach(), s_norm.detach(), agreement, weights.detach())
+        return SDTPSOutput(tokens, keep_mask, combined, diag)
+
+    def forward(self, patches: torch.Tensor, globals: torch.Tensor) -> SDTPSOutput:
+        """patches (B, 3, N, C), globals (B, 3, C) -> SDTPSOutput (tokens, keep_mask, scores, diagnostics)."""
+        pairs = self.pair_scores(patches, globals)
+        return self.select(patches, pairs.score, pairs.gate)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, sparse_ratio={self.sparse_ratio}, "
+                f"gate_init=({self.gate_init_scale}, {self.gate_init_bias}), "
+                f"gate_norm={self.gate_norm}, renorm_attn={self.renorm_attn}, "
+                f"score_combine={self.score_combine!r}")
+
+
+def diagnostics_summary(diag: SDTPSDiagnostics, prefix: str = "sdtps") -> Dict[str, float]:
+    """Scalars for a logger: per pair gate mean/min/max and guide agreement, per modality weights.
+
+    Keys look like ``sdtps/gate_mean/RGB<-NI``, ``sdtps/agreement/TI<-TI``. Gate histograms can
+    be logged from ``diag.gates[:, m, j]`` directly. (One host sync per call: log sparingly.)
+    """
+    out: Dict[str, float] = {}
+    gates = diag.gates.float()
+    has_gates = gates.numel() > 0
+    agreement = diag.guide_agreement.float().mean(dim=0)  # (3, 3)
+    for m in range(3):
+        for j in range(3):
+            name = PAIR_NAMES[3 * m + j]
+            if has_gates:
+                g = gates[:, m, j]
+                out[f"{prefix}/gate_mean/{name}"] = g.mean().item()
+                out[f"{prefix}/gate_min/{name}"] = g.min().item()
+                out[f"{prefix}/gate_max/{name}"] = g.max().item()
+            out[f"{prefix}/agreement/{name}"] = agreement[m, j].item()
+            out[f"{prefix}/combine_weight/{name}"] = diag.combine_weights[m, j].item()
+    return out

@@ -1,0 +1,349 @@
+"""Tests of modeling/sdtps.py (CrossModalAttention, MultiModalSDTPS, masked_mean)."""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modeling.dgaf import DGAF  # noqa: E402
+from modeling.sdtps import (  # noqa: E402
+    GUIDE_ORDER,
+    PAIR_NAMES,
+    CrossModalAttention,
+    MultiModalSDTPS,
+    diagnostics_summary,
+    masked_mean,
+    num_kept,
+)
+
+C = 64
+H = 4
+COSINES = [-1.0, -0.5, 0.0, 0.5, 1.0]
+TABLE = {
+    (0.5, 0.5): [0.500, 0.562, 0.622, 0.679, 0.731],
+    (1.0, 0.0): [0.269, 0.378, 0.500, 0.622, 0.731],
+}
+
+
+def controlled(batch=2, dim=C):
+    """Patches with cosines COSINES to the guide (and non-unit norms): (B, 5, C), guide (B, C)."""
+    guide = torch.zeros(batch, dim)
+    guide[:, 0] = 3.0
+    patches = torch.zeros(batch, len(COSINES), dim)
+    for n, c in enumerate(COSINES):
+        patches[:, n, 0] = 2.0 * c
+        patches[:, n, 1] = 2.0 * math.sqrt(1.0 - c * c)
+    return patches, guide
+
+
+def inputs(batch=3, n=32, dim=C, seed=0, aligned=False):
+    gen = torch.Generator().manual_seed(seed)
+    globals_ = torch.randn(batch, 3, dim, generator=gen)
+    noise = torch.randn(batch, 3, n, dim, generator=gen)
+    if not aligned:
+        return noise, globals_
+    # Patches that share a random amount of their global: cosines spread like real features.
+    share = torch.rand(batch, 3, n, 1, generator=gen)
+    return globals_.unsqueeze(2) * share + 0.8 * noise, globals_
+
+
+# --------------------------------------------------------------------------------------------
+# Gate values
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale,bias", list(TABLE))
+def test_gate_table_single_pair(scale, bias):
+    torch.manual_seed(0)
+    mod = CrossModalAttention(C, H, gate_init_scale=scale, gate_init_bias=bias)
+    patches, guide = controlled()
+    out = mod(patches, guide)
+    expected = torch.tensor(TABLE[(scale, bias)]).expand(2, H, 5)
+    assert torch.allclose(out.cos, torch.tensor(COSINES).expand(2, 5), atol=1e-6)
+    assert out.gate.shape == (2, H, 5)
+    assert torch.allclose(out.gate, expected, atol=1e-3)
+    assert torch.allclose(mod.gate_from_cos(torch.tensor([COSINES])), expected[:1], atol=1e-3)
+
+
+@pytest.mark.parametrize("scale,bias", list(TABLE))
+def test_gate_table_all_pairs(scale, bias):
+    torch.manual_seed(0)
+    mod = MultiModalSDTPS(C, H, gate_init_scale=scale, gate_init_bias=bias)
+    patches, guide = controlled()
+    out = mod(patches.unsqueeze(1).repeat(1, 3, 1, 1), guide.unsqueeze(1).repeat(1, 3, 1))
+    assert out.diagnostics.gates.shape == (2, 3, 3, H, 5)
+    expected = torch.tensor(TABLE[(scale, bias)]).expand(2, 3, 3, H, 5)
+    assert torch.allclose(out.diagnostics.gates, expected, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# Batched 9 pairs == 9 CrossModalAttention calls
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gate_norm", [False, True])
+@pytest.mark.parametrize("renorm_attn", [False, True])
+def test_batched_pairs_match_single_modules(gate_norm, renorm_attn):
+    torch.manual_seed(1)
+    mod = MultiModalSDTPS(C, H, gate_norm=gate_norm, renorm_attn=renorm_attn)
+    with torch.no_grad():  # distinct per-pair gates, so a pair mix-up cannot go unnoticed
+        mod.gate_scale.copy_(torch.randn(9, H))
+        mod.gate_bias.copy_(torch.randn(9, H))
+    patches, globals_ = inputs(n=32, seed=1, aligned=True)
+    batched = mod.pair_scores(patches, globals_)
+    singles = []
+    for m in range(3):
+        for j, g in enumerate(GUIDE_ORDER[m]):
+            ref = mod.pair_module(3 * m + j)(patches[:, m], globals_[:, g])
+            for name in ("score", "attn", "gate", "attn_gated", "cos"):
+                got = getattr(batched, name)[:, m, j]
+                assert torch.allclose(got, getattr(ref, name), atol=1e-5, rtol=0), (name, m, j)
+            singles.append(ref.score)
+    # The whole selection from the 9 sequential scores equals the batched forward.
+    stacked = torch.stack(singles, dim=1).view(3, 3, 3, -1)
+    seq = mod.select(patches, stacked)
+    out = mod(patches, globals_)
+    assert torch.allclose(seq.scores, out.scores, atol=1e-5)
+    assert torch.equal(seq.keep_mask, out.keep_mask)
+    assert torch.allclose(seq.tokens, out.tokens, atol=1e-6)
+
+
+def test_pair_order_and_names():
+    assert PAIR_NAMES[:3] == ("RGB<-RGB", "RGB<-NI", "RGB<-TI")
+    assert PAIR_NAMES[3:6] == ("NI<-NI", "NI<-RGB", "NI<-TI")
+    assert PAIR_NAMES[6:] == ("TI<-TI", "TI<-RGB", "TI<-NI")
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients reach every parameter
+# --------------------------------------------------------------------------------------------
+CONFIGS = [
+    {},
+    {"score_combine": "learned"},
+    {"gate_norm": True, "renorm_attn": True},
+    {"score_combine": "learned", "gate_norm": True, "renorm_attn": True},
+]
+
+
+def _assert_all_grads(module, per_pair):
+    for name, param in module.named_parameters():
+        assert param.grad is not None, f"{name}: no gradient"
+        assert torch.isfinite(param.grad).all(), f"{name}: non-finite gradient"
+        assert param.grad.abs().sum() > 0, f"{name}: zero gradient"
+        if per_pair and name in ("q_weight", "q_bias", "k_weight"):
+            norms = param.grad.flatten(1).norm(dim=1)
+            assert (norms > 0).all(), f"{name}: pairs without gradient {norms}"
+        if per_pair and name in ("gate_scale", "gate_bias", "combine_logits"):
+            assert (param.grad != 0).all(), f"{name}: entries without gradient {param.grad}"
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS, ids=lambda kw: "-".join(kw) or "default")
+@pytest.mark.parametrize("head", ["dgaf", "masked_mean"])
+def test_every_parameter_gets_gradient(kwargs, head):
+    torch.manual_seed(2)
+    sdtps = MultiModalSDTPS(C, H, **kwargs)
+    dgaf = DGAF(C, num_heads=8)
+    patches, globals_ = inputs(n=32, seed=2, aligned=True)
+    patches.requires_grad_(True)
+    globals_.requires_grad_(True)
+    out = sdtps(patches, globals_)
+    if head == "dgaf":
+        feat = dgaf(out.tokens, out.keep_mask)
+    else:
+        feat = masked_mean(out.tokens, out.keep_mask).flatten(1)
+    target = torch.randn(feat.shape, generator=torch.Generator().manual_seed(3))
+    loss = (feat - target).pow(2).mean()
+    loss.backward()
+    _assert_all_grads(sdtps, per_pair=True)
+    if head == "dgaf":
+        _assert_all_grads(dgaf, per_pair=False)
+        assert (dgaf.queries.grad.norm(dim=1) > 0).all()
+    assert patches.grad.abs().sum() > 0 and globals_.grad.abs().sum() > 0
+
+
+def test_straight_through_gradient_value():
+    """d loss / d score_n = <d loss / d token_n, patch_n> (the documented gradient path)."""
+    torch.manual_seed(4)
+    mod = MultiModalSDTPS(C, H)
+    patches, globals_ = inputs(n=16, seed=4)
+    out = mod(patches, globals_)
+    out.scores.retain_grad()
+    upstream = torch.randn_like(out.tokens)
+    (out.tokens * upstream).sum().backward()
+    expected = (upstream * patches).sum(dim=-1)
+    assert torch.allclose(out.scores.grad, expected, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Renormalisation and gate normalisation
+# --------------------------------------------------------------------------------------------
+def test_renorm_attn_sums_to_one():
+    torch.manual_seed(5)
+    patches, globals_ = inputs(n=32, seed=5)
+    single = CrossModalAttention(C, H, renorm_attn=True)(patches[:, 0], globals_[:, 1])
+    assert torch.allclose(single.attn_gated.sum(-1), torch.ones(3, H), atol=1e-5)
+    batched = MultiModalSDTPS(C, H, renorm_attn=True).pair_scores(patches, globals_)
+    assert torch.allclose(batched.attn_gated.sum(-1), torch.ones(3, 3, 3, H), atol=1e-5)
+    plain = MultiModalSDTPS(C, H).pair_scores(patches, globals_)
+    assert (plain.attn_gated.sum(-1) < 1.0).all()  # gates < 1 shrink the mass without renorm
+
+
+def test_gate_norm_keeps_cosine_information_at_init():
+    torch.manual_seed(6)
+    mod = CrossModalAttention(C, H, gate_norm=True)  # default init: all heads identical
+    patches, guide = controlled()
+    gate = mod(patches, guide).gate  # (B, H, 5), cosines increasing along N
+    assert (gate[..., 1:] > gate[..., :-1] + 0.02).all(), gate
+    assert (gate.max(-1).values - gate.min(-1).values > 0.3).all()
+    # Random features: the gate is not the constant 0.5 of a LayerNorm over identical heads.
+    batched = MultiModalSDTPS(C, H, gate_norm=True)(*inputs(n=32, seed=6)).diagnostics.gates
+    assert batched.std(dim=-1).min() > 0.05
+    assert (batched - 0.5).abs().max() > 0.2
+
+
+def test_gate_norm_degenerate_inputs_are_finite():
+    """N = 1 or identical patches: no spread to standardise; gate = sigmoid(bias), finite grads."""
+    torch.manual_seed(7)
+    for n in (1, 8):
+        mod = MultiModalSDTPS(C, H, gate_norm=True, sparse_ratio=0.5)
+        patches = torch.randn(2, 3, 1, C).repeat(1, 1, n, 1).requires_grad_(True)
+        out = mod(patches, torch.randn(2, 3, C))
+        assert torch.allclose(out.diagnostics.gates, torch.sigmoid(torch.tensor(0.5)), atol=1e-6)
+        dgaf = DGAF(C)
+        dgaf(out.tokens, out.keep_mask).pow(2).mean().backward()
+        for name, param in mod.named_parameters():
+            assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        assert torch.isfinite(patches.grad).all()
+
+
+@pytest.mark.parametrize("kind", ["iid", "aligned", "near_constant"])
+def test_gate_norm_gradients_within_10x(kind):
+    """Same weights and inputs with and without gate_norm; near_constant: the patches of a row are
+    one vector + 1e-3 noise, so the cosines hardly spread (a variance floor like 1e-5 fails here)."""
+    torch.manual_seed(8)
+    base = MultiModalSDTPS(C, H).state_dict()
+    dgaf = DGAF(C)
+    patches, globals_ = inputs(batch=4, n=32, seed=8, aligned=kind == "aligned")
+    if kind == "near_constant":
+        patches = patches[:, :, :1] + 1e-3 * patches
+    norms = {}
+    for gate_norm in (False, True):
+        mod = MultiModalSDTPS(C, H, gate_norm=gate_norm)
+        mod.load_state_dict(base)
+        x = patches.clone().requires_grad_(True)
+        out = mod(x, globals_)
+        feat = dgaf(out.tokens, out.keep_mask)
+        (feat * torch.randn(feat.shape, generator=torch.Generator().manual_seed(9))).sum().backward()
+        dgaf.zero_grad()
+        norms[gate_norm] = {n: p.grad.norm().item() for n, p in mod.named_parameters()}
+        norms[gate_norm]["input"] = x.grad.norm().item()
+    for name in norms[False]:
+        ratio = norms[True][name] / norms[False][name]
+        assert 0.1 < ratio < 10.0, (name, ratio, norms)
+
+
+# --------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------
+def test_num_kept():
+    assert num_kept(32, 0.7) == 23 and num_kept(128, 0.7) == 90
+    assert num_kept(10, 0.7) == 7  # 10 * 0.7 == 7.000000000000001 in floating point
+    assert num_kept(5, 0.01) == 1 and num_kept(1, 0.7) == 1 and num_kept(7, 1.0) == 7
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError):
+            num_kept(10, bad)
+
+
+@pytest.mark.parametrize("n", [1, 10, 32, 128])
+@pytest.mark.parametrize("ratio", [0.05, 0.5, 0.7, 1.0])
+def test_keep_mask_exact_k_and_exact_tokens(n, ratio):
+    torch.manual_seed(10)
+    mod = MultiModalSDTPS(C, H, sparse_ratio=ratio)
+    patches, globals_ = inputs(batch=2, n=n, seed=10)
+    out = mod(patches, globals_)
+    k = max(1, math.ceil(round(n * ratio, 6)))
+    assert out.keep_mask.dtype == torch.bool and out.keep_mask.shape == (2, 3, n)
+    assert (out.keep_mask.sum(-1) == k).all()
+    assert (out.tokens[~out.keep_mask] == 0).all()
+    assert torch.equal(out.tokens[out.keep_mask], patches[out.keep_mask])  # STE forward value 1
+    if k < n:  # the kept positions are the top-K of the combined score
+        kept = out.scores.masked_fill(~out.keep_mask, float("inf")).min(-1).values
+        dropped = out.scores.masked_fill(out.keep_mask, float("-inf")).max(-1).values
+        assert (kept >= dropped).all()
+    assert ((out.scores >= 0) & (out.scores <= 1)).all()
+
+
+@pytest.mark.parametrize("n", [32, 128])
+def test_shapes(n):
+    torch.manual_seed(11)
+    mod = MultiModalSDTPS(C, H, score_combine="learned")
+    patches, globals_ = inputs(batch=2, n=n, seed=11)
+    out = mod(patches, globals_)
+    assert out.tokens.shape == (2, 3, n, C)
+    assert out.keep_mask.shape == out.scores.shape == (2, 3, n)
+    diag = out.diagnostics
+    assert diag.gates.shape == (2, 3, 3, H, n)
+    assert diag.pair_scores.shape == (2, 3, 3, n)
+    assert diag.guide_agreement.shape == (2, 3, 3)
+    assert diag.combine_weights.shape == (3, 3)
+    assert ((diag.guide_agreement >= 0) & (diag.guide_agreement <= 1)).all()
+    assert masked_mean(out.tokens, out.keep_mask).shape == (2, 3, C)
+    summary = diagnostics_summary(diag)
+    assert len(summary) == 9 * 5 and all(isinstance(v, float) for v in summary.values())
+    assert "sdtps/gate_mean/RGB<-NI" in summary
+
+
+def test_learned_combine_equals_mean_at_init():
+    torch.manual_seed(12)
+    mean = MultiModalSDTPS(C, H)
+    learned = MultiModalSDTPS(C, H, score_combine="learned")
+    learned.load_state_dict(mean.state_dict(), strict=False)
+    patches, globals_ = inputs(n=32, seed=12)
+    a, b = mean(patches, globals_), learned(patches, globals_)
+    assert torch.allclose(a.scores, b.scores, atol=1e-6)
+    assert torch.equal(a.keep_mask, b.keep_mask)
+
+
+def test_guide_agreement_is_one_when_guides_agree():
+    torch.manual_seed(13)
+    mod = MultiModalSDTPS(C, H)
+    with torch.no_grad():  # the three scorers of a modality share weights, the globals are equal
+        for name in ("q_weight", "q_bias", "k_weight", "gate_scale", "gate_bias"):
+            p = getattr(mod, name).view(3, 3, *getattr(mod, name).shape[1:])
+            p[:, 1:] = p[:, :1]
+    patches, globals_ = inputs(n=32, seed=13)
+    globals_ = globals_[:, :1].repeat(1, 3, 1)
+    out = mod(patches, globals_)
+    assert torch.allclose(out.diagnostics.guide_agreement, torch.ones(3, 3, 3))
+
+
+def test_masked_mean():
+    tokens = torch.arange(2 * 3 * 4 * 2, dtype=torch.float32).view(2, 3, 4, 2)
+    mask = torch.zeros(2, 3, 4, dtype=torch.bool)
+    mask[..., 1] = True
+    mask[0, 0, 3] = True
+    got = masked_mean(tokens, mask)
+    assert torch.allclose(got[0, 0], (tokens[0, 0, 1] + tokens[0, 0, 3]) / 2)
+    assert torch.allclose(got[1, 2], tokens[1, 2, 1])
+
+
+def test_autocast_bf16_runs():
+    torch.manual_seed(14)
+    mod = MultiModalSDTPS(C, H, gate_norm=True)
+    patches, globals_ = inputs(batch=2, n=32, seed=14)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mod(patches, globals_)
+    assert (out.keep_mask.sum(-1) == num_kept(32, 0.7)).all()
+    assert torch.isfinite(out.scores).all()
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError):
+        MultiModalSDTPS(C, 5)
+    with pytest.raises(ValueError):
+        MultiModalSDTPS(C, H, score_combine="max")
+    with pytest.raises(ValueError):
+        MultiModalSDTPS(C, H, sparse_ratio=0.0)
+    with pytest.raises(ValueError):
+        CrossModalAttention(C, 3)
+    with pytest.raises(ValueError):
+        MultiModalSDTPS(C, H)(torch.randn(2, 2, 8, C), torch.randn(2, 2, C))
