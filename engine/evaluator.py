@@ -1,0 +1,154 @@
+"""Feature extraction and retrieval evaluation.
+
+``extract`` runs the model over an :class:`~data.build.EvalSet` (all ranks, each its contiguous
+shard; results gathered in rank order, so every sample is counted once and the order is kept).
+``evaluate`` turns the features into distances and CMC / mAP / mINP with ``utils.metrics``.
+
+Missing-modality evaluation (``TEST.MISS``): the named modalities' inputs are replaced by zeros
+after normalisation, as in the published protocol. Flip TTA (``TEST.FLIP``) averages the features
+of the image and its horizontal mirror.
+"""
+from contextlib import nullcontext
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from modeling.model import retrieval_feature
+from utils.dist import all_gather_tensor
+from utils.metrics import compute_distance, evaluate_rank
+
+MISS_TO_MODALITIES = {"none": (), "r": (0,), "n": (1,), "t": (2,), "rn": (0, 1), "rt": (0, 2),
+                      "nt": (1, 2)}
+
+
+def zero_missing(images: torch.Tensor, miss: str) -> torch.Tensor:
+    """Replace the modalities named by ``miss`` (e.g. "rn") with zeros. images: (B, 3, 3, H, W)."""
+    drop = MISS_TO_MODALITIES[miss]
+    if not drop:
+        return images
+    images = images.clone()
+    images[:, list(drop)] = 0.0
+    return images
+
+
+def patch_foreground(masks: torch.Tensor, patch_size, stride) -> torch.Tensor:
+    """Share of person pixels in each patch. masks (B, H, W) -> (B, N) in [0, 1], row-major grid."""
+    cover = F.avg_pool2d(masks.unsqueeze(1).float(), kernel_size=tuple(patch_size), stride=tuple(stride))
+    return cover.flatten(1)
+
+
+def autocast_context(device: torch.device, amp: str):
+    if amp == "off":
+        return nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def extract(model, eval_set, device, feat: str, neck_feat: str, miss: str = "none",
+            flip: bool = False, amp: str = "off") -> Dict:
+    """Features of every sample of ``eval_set``.
+
+    Returns dict: feats (M, D) float32 CPU, pids/camids/sceneids/index (M,) int64 numpy,
+    num_skipped, and when the model selects tokens and masks exist: fg_kept / kept / fg_all / all
+    patch counts (foreground = at least half of the patch's pixels on the person).
+    """
+    was_training = model.training
+    model.eval()
+    feats, meta = [], {k: [] for k in ("pids", "camids", "sceneids", "index")}
+    counts = torch.zeros(4, dtype=torch.float64)
+    skipped = 0
+    backbone = model.backbone
+    for batch in eval_set.loader:
+        skipped += batch["num_skipped"]
+        if "images" not in batch:
+            continue
+        images = zero_missing(batch["images"].to(device, non_blocking=True), miss)
+        cams = batch["camids"].to(device)
+        with autocast_context(device, amp):
+            outputs = model(images, cams)
+            f = retrieval_feature(outputs, feat, neck_feat).float()
+            if flip:
+                flipped = model(images.flip(-1), cams)
+                f = (f + retrieval_feature(flipped, feat, neck_feat).float()) / 2
+        feats.append(f.cpu())
+        for key in meta:
+            meta[key].append(batch[key])
+        if "keep_mask" in outputs and "masks" in batch:
+            fg = patch_foreground(batch["masks"], backbone.patch_size, backbone.stride) >= 0.5
+            keep = outputs["keep_mask"].cpu()  # (B, 3, N)
+            fg3 = fg.unsqueeze(1).expand_as(keep)
+            counts += torch.tensor([(keep & fg3).sum(), keep.sum(), fg3.sum(), fg3.numel()],
+                                   dtype=torch.float64)
+    model.train(was_training)
+    dim = feats[0].shape[1] if feats else 0
+    local = {
+        "feats": torch.cat(feats) if feats else torch.zeros(0, dim),
+        **{k: torch.cat(v) if v else torch.zeros(0, dtype=torch.long) for k, v in meta.items()},
+    }
+    result = {k: torch.cat(all_gather_tensor(v.to(device))).cpu() for k, v in local.items()}
+    stats = torch.cat([counts, torch.tensor([float(skipped)], dtype=torch.float64)])
+    totals = torch.cat(all_gather_tensor(stats.unsqueeze(0).to(device))).sum(0).cpu()
+    out = {"feats": result["feats"].float()}
+    out.update({k: result[k].numpy().astype(np.int64) for k in meta})
+    out["num_skipped"] = int(totals[4])
+    if totals[1] > 0:
+        out.update(fg_kept=float(totals[0]), kept=float(totals[1]), fg_all=float(totals[2]),
+                   all=float(totals[3]))
+    return out
+
+
+def split_query_gallery(extracted: Dict, eval_set):
+    """Boolean masks (M,) of query and gallery rows of ``extracted``."""
+    index = extracted["index"]
+    if eval_set.shared:
+        everything = np.ones(len(index), dtype=bool)
+        return everything, everything
+    is_query = index < eval_set.num_query
+    return is_query, ~is_query
+
+
+def rank_metrics(extracted: Dict, eval_set, dist_metric: str, rerank=None) -> Dict:
+    """mAP, CMC (R1/R5/R10) and mINP (fractions in [0, 1]) of extracted features.
+
+    ``rerank``: optional callable (qf, gf) -> (Q, G) distance replacing the plain distance.
+    """
+    q, g = split_query_gallery(extracted, eval_set)
+    feats = F.normalize(extracted["feats"], dim=1)
+    qf, gf = feats[torch.from_numpy(q)], feats[torch.from_numpy(g)]
+    distmat = rerank(qf, gf) if rerank is not None else compute_distance(qf, gf, dist_metric)
+    scenes = {}
+    if eval_set.uses_scenes:
+        scenes = dict(q_scenes=extracted["sceneids"][q], g_scenes=extracted["sceneids"][g])
+    cmc, mean_ap, minp = evaluate_rank(distmat, extracted["pids"][q], extracted["pids"][g],
+                                       extracted["camids"][q], extracted["camids"][g], **scenes)
+    metrics = {"mAP": float(mean_ap), "mINP": float(minp), "num_query": int(q.sum()),
+               "num_gallery": int(g.sum())}
+    for k in (1, 5, 10):
+        metrics[f"R{k}"] = float(cmc[min(k, len(cmc)) - 1])
+    if "kept" in extracted:
+        metrics["fg_precision"] = extracted["fg_kept"] / extracted["kept"]
+        metrics["fg_share"] = extracted["fg_all"] / extracted["all"]
+    return metrics
+
+
+def evaluate(model, eval_set, cfg, device, miss: Optional[str] = None, rerank=None) -> Dict:
+    """Extract and score one evaluation set with the config's test options."""
+    extracted = extract(model, eval_set, device, cfg.TEST.FEAT, cfg.TEST.NECK_FEAT,
+                        miss if miss is not None else cfg.TEST.MISS, cfg.TEST.FLIP, cfg.SOLVER.AMP)
+    metrics = rank_metrics(extracted, eval_set, cfg.TEST.DIST, rerank)
+    metrics["num_skipped"] = extracted["num_skipped"]
+    return metrics
+
+
+def format_metrics(metrics: Dict) -> str:
+    text = (f"mAP {metrics['mAP'] * 100:.2f}  R1 {metrics['R1'] * 100:.2f}  "
+            f"R5 {metrics['R5'] * 100:.2f}  R10 {metrics['R10'] * 100:.2f}  "
+            f"mINP {metrics['mINP'] * 100:.2f}  ({metrics['num_query']} queries, "
+            f"{metrics['num_gallery']} gallery)")
+    if "fg_precision" in metrics:
+        text += (f"  kept-token foreground precision {metrics['fg_precision'] * 100:.1f}% "
+                 f"(all patches {metrics['fg_share'] * 100:.1f}%)")
+    return text

@@ -1,0 +1,309 @@
+"""A plain epoch loop (torchreid style) with small override points.
+
+Override points: :meth:`Trainer.compute_loss`, :meth:`Trainer.train_step`,
+:meth:`Trainer.after_step` (logging), :meth:`Trainer.evaluate_all`.
+
+Reproducibility and resume: epoch ``e`` seeds python/numpy/torch, the identity sampler and the
+loader's worker seeds from ``SOLVER.SEED + e``. A checkpoint records the position as
+(epoch, iteration) plus every RNG state; ``--resume`` re-creates the epoch's batch order, skips
+the batches already trained on, restores the RNG states and continues, so an interrupted run ends
+with the same weights as an uninterrupted one (bit-exact on CPU with ``SOLVER.DETERMINISTIC``).
+Checkpoints are written atomically (see ``utils.checkpoint``). SIGTERM (a cluster pre-empting the
+job) writes a checkpoint at the current iteration and exits.
+"""
+import json
+import os
+import signal
+import sys
+import time
+from typing import Dict, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from engine.evaluator import autocast_context, evaluate, format_metrics
+from modeling.losses import CrossEntropyLabelSmooth, TripletLoss
+from modeling.sdtps import PAIR_NAMES, diagnostics_summary
+from solver.build import build_optimizer, build_scheduler
+from utils import checkpoint as ckpt
+from utils.dist import get_world_size, is_distributed, is_main_process
+from utils.logger import get_logger
+from utils.seed import get_rng_state, seed_everything, set_rng_state
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+
+class Trainer:
+    """Trains ``model`` on ``data`` (a :class:`data.build.DataBundle`) as configured by ``cfg``."""
+
+    def __init__(self, cfg, model: torch.nn.Module, data, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.data = data
+        self.logger = get_logger()
+        self.output_dir = cfg.OUTPUT_DIR
+        self.model = model.to(device)
+        if cfg.MODEL.SYNC_BN and is_distributed():
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.train_model = self.model
+        if is_distributed():
+            ids = [device.index] if device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids,
+                                                       find_unused_parameters=False)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.amp = cfg.SOLVER.AMP
+        self.scaler = torch.amp.GradScaler(device.type, enabled=(self.amp == "fp16"))
+        self.id_loss = CrossEntropyLabelSmooth(cfg.MODEL.LABEL_SMOOTH)
+        self.triplet_loss = TripletLoss(cfg.MODEL.TRIPLET_MARGIN, cfg.MODEL.TRIPLET_SOFT_MARGIN)
+        self.start_epoch, self.start_iter = 0, 0
+        self.resume_rng: Optional[dict] = None
+        self.best: Optional[Dict] = None
+        self.history = []
+        self.nonfinite_streak = 0
+        self.global_step = 0
+        self.stop_requested = False
+        self.writer = None
+        if is_main_process():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(self.output_dir, "tb"))
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self, epoch: int, iteration: int) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "iteration": iteration,
+            "global_step": self.global_step,
+            "rng": get_rng_state(),
+            "best": self.best,
+            "history": self.history,
+            "cfg": self.cfg.dump(),
+        }
+
+    def save_checkpoint(self, epoch: int, iteration: int = 0) -> None:
+        """Checkpoint the position "next: ``epoch``, batch ``iteration``" (rank 0 writes)."""
+        if is_main_process():
+            path = ckpt.save_epoch_checkpoint(self.state_dict(epoch, iteration), self.output_dir,
+                                              epoch, self.cfg.SOLVER.KEEP_LAST)
+            self.logger.info("checkpoint written: %s", path)
+
+    def resume(self) -> bool:
+        """Load the newest readable checkpoint of OUTPUT_DIR; False when there is none."""
+        found = ckpt.find_resume_checkpoint(self.output_dir)
+        if found is None:
+            self.logger.info("--resume: no checkpoint in %s, starting from scratch", self.output_dir)
+            return False
+        path, state = found
+        ckpt.load_model_weights(self.model, state["model"], strict=True, source=path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch, self.start_iter = state["epoch"], state.get("iteration", 0)
+        self.global_step = state.get("global_step", 0)
+        self.best = state.get("best")
+        self.history = state.get("history", [])
+        self.resume_rng = state["rng"] if self.start_iter > 0 else None
+        self.logger.info("resumed from %s at epoch %d, iteration %d", path, self.start_epoch + 1,
+                         self.start_iter)
+        return True
+
+    # ------------------------------------------------------------------ losses and steps
+    def compute_loss(self, outputs: Dict, pids: torch.Tensor):
+        """Sum over heads of weight x (ID_W x CE + TRI_W x triplet); returns (loss, parts, acc)."""
+        m = self.cfg.MODEL
+        total, parts, acc = 0.0, {}, None
+        for name, (feat, _, logits) in outputs["heads"].items():
+            id_loss = self.id_loss(logits, pids)
+            tri_loss = self.triplet_loss(feat, pids)
+            weight = self.model.loss_weights[name]
+            total = total + weight * (m.ID_LOSS_WEIGHT * id_loss + m.TRIPLET_LOSS_WEIGHT * tri_loss)
+            parts[f"{name}/id"] = id_loss.item()
+            parts[f"{name}/triplet"] = tri_loss.item()
+            if acc is None:
+                acc = float((logits.argmax(1) == pids).float().mean())
+        return total, parts, acc
+
+    def train_step(self, batch: Dict) -> Dict:
+        images = batch["images"].to(self.device, non_blocking=True)
+        pids = batch["pids"].to(self.device)
+        cams = batch["camids"].to(self.device)
+        with autocast_context(self.device, self.amp):
+            outputs = self.train_model(images, cams)
+            loss, parts, acc = self.compute_loss(outputs, pids)
+        finite = torch.isfinite(loss.detach()).float()
+        if is_distributed():  # every rank must agree to step or to skip
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite.item() < 1:
+            return {"finite": False, "loss": loss.item(), "outputs": outputs}
+        self.scaler.scale(loss).backward()
+        if self.cfg.SOLVER.GRAD_CLIP > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.SOLVER.GRAD_CLIP)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {"finite": True, "loss": loss.item(), "acc": acc, "parts": parts, "outputs": outputs}
+
+    def handle_nonfinite(self, result: Dict, epoch: int, iteration: int) -> None:
+        if result["finite"]:
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_streak += 1
+        self.logger.warning("non-finite loss (%s) at epoch %d iteration %d: step skipped (%d in a row)",
+                            result["loss"], epoch + 1, iteration, self.nonfinite_streak)
+        if self.nonfinite_streak >= self.cfg.SOLVER.MAX_NONFINITE:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_streak} consecutive non-finite losses (SOLVER.MAX_NONFINITE); "
+                f"stopping. The last good checkpoint in {self.output_dir} is intact: lower the "
+                f"learning rate or switch SOLVER.AMP, then resume with --resume.")
+
+    def after_step(self, result: Dict, epoch: int, iteration: int, num_iters: int) -> None:
+        """Log scalars every LOG_PERIOD iterations (rank 0)."""
+        if not result["finite"] or self.writer is None:
+            return
+        step = self.global_step
+        self.writer.add_scalar("train/loss", result["loss"], step)
+        self.writer.add_scalar("train/acc", result["acc"], step)
+        for key, value in result["parts"].items():
+            self.writer.add_scalar(f"train/{key}", value, step)
+        if (iteration + 1) % self.cfg.SOLVER.LOG_PERIOD == 0 or iteration + 1 == num_iters:
+            lr = self.optimizer.param_groups[-1]["lr"]
+            self.writer.add_scalar("train/lr_head", lr, step)
+            self.logger.info("epoch %d iter %d/%d  loss %.4f  acc %.3f  lr %.2e", epoch + 1,
+                             iteration + 1, num_iters, result["loss"], result["acc"], lr)
+            self.log_diagnostics(result["outputs"], step)
+
+    def log_diagnostics(self, outputs: Dict, step: int) -> None:
+        """TensorBoard diagnostics: per scored SDTPS pair the gate mean/min/max, a per-head gate
+        histogram and the guides' keep-mask agreement; the mean ATMoE gate weight per expert."""
+        if "sdtps" in outputs:
+            diag = outputs["sdtps"].diagnostics
+            for key, value in diagnostics_summary(diag).items():
+                self.writer.add_scalar(key, value, step)
+            gates = diag.gates.detach().float().cpu()  # (B, 3, 3, H, N)
+            for m in range(3):
+                for j in range(3):
+                    for h in range(gates.shape[3]):
+                        self.writer.add_histogram(f"sdtps/gate_hist/{PAIR_NAMES[3 * m + j]}/head{h}",
+                                                  gates[:, m, j, h], step)
+        if "moe_gates" in outputs:
+            weights = outputs["moe_gates"].detach().float().mean(dim=(0, 1)).cpu()
+            for e, w in enumerate(weights):
+                self.writer.add_scalar(f"atmoe/expert{e}_weight", float(w), step)
+
+    # ------------------------------------------------------------------ loop
+    def _seed_epoch(self, epoch: int) -> None:
+        seed = self.cfg.SOLVER.SEED + epoch
+        seed_everything(seed)
+        self.data.train_sampler.set_epoch(epoch)
+        self.data.train_loader.generator.manual_seed(seed)
+
+    def train_epoch(self, epoch: int) -> None:
+        self.model.train()
+        self._seed_epoch(epoch)
+        loader = self.data.train_loader
+        num_iters = len(loader)
+        skip = self.start_iter if epoch == self.start_epoch else 0
+        bar = tqdm(loader, total=num_iters, desc=f"epoch {epoch + 1}/{self.cfg.SOLVER.MAX_EPOCHS}",
+                   disable=not (is_main_process() and sys.stderr.isatty()), leave=False)
+        for iteration, batch in enumerate(bar):
+            if iteration < skip:  # already trained on before the interruption
+                if iteration == skip - 1 and self.resume_rng is not None:
+                    # restore before the next batch is loaded: with NUM_WORKERS 0 its
+                    # augmentation draws from the same RNG as the training step
+                    set_rng_state(self.resume_rng)
+                    self.resume_rng = None
+                continue
+            if "images" not in batch:
+                continue
+            result = self.train_step(batch)
+            self.handle_nonfinite(result, epoch, iteration)
+            self.global_step += 1
+            self.after_step(result, epoch, iteration, num_iters)
+            if result["finite"]:
+                bar.set_postfix(loss=f"{result['loss']:.3f}", acc=f"{result['acc']:.2f}")
+            if self.stop_requested:
+                self.save_checkpoint(epoch, iteration + 1)
+                raise SystemExit(f"stopped by signal at epoch {epoch + 1} iteration {iteration + 1}; "
+                                 f"resume with --resume")
+
+    def evaluate_all(self, epoch: int) -> Dict[str, Dict]:
+        results = {}
+        for name, eval_set in self.data.eval_sets.items():
+            metrics = evaluate(self.model, eval_set, self.cfg, self.device)
+            results[name] = metrics
+            self.logger.info("epoch %d %s [%s feature]: %s", epoch + 1, name, self.cfg.TEST.FEAT,
+                             format_metrics(metrics))
+            if self.writer is not None:
+                for key in ("mAP", "R1", "mINP", "fg_precision"):
+                    if key in metrics:
+                        self.writer.add_scalar(f"{name}/{key}", metrics[key], epoch + 1)
+        return results
+
+    def _update_best(self, epoch: int, results: Dict[str, Dict]) -> None:
+        split = "val" if "val" in results else "test"
+        score = results[split]["mAP"]
+        if self.best is None or score > self.best["mAP"]:
+            self.best = {"epoch": epoch + 1, "split": split, "mAP": score, "metrics": results}
+            if is_main_process():
+                ckpt.atomic_torch_save({"model": self.model.state_dict(), "epoch": epoch + 1,
+                                        "metrics": results, "cfg": self.cfg.dump()},
+                                       os.path.join(self.output_dir, "model_best.pth"))
+
+    def request_stop(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.logger.warning("signal %d received: checkpointing after this iteration", signum)
+        self.stop_requested = True
+
+    def train(self) -> Dict:
+        """Run the remaining epochs; returns the final summary (also written to summary.json)."""
+        cfg = self.cfg
+        if self.amp == "fp16" and self.device.type != "cuda":
+            raise ValueError("SOLVER.AMP fp16 needs CUDA; use bf16 on CPU")
+        previous = signal.signal(signal.SIGTERM, self.request_stop)
+        start = time.time()
+        last = None
+        try:
+            for epoch in range(self.start_epoch, cfg.SOLVER.MAX_EPOCHS):
+                t0 = time.time()
+                self.train_epoch(epoch)
+                self.scheduler.step()
+                self.logger.info("epoch %d done in %.1f s", epoch + 1, time.time() - t0)
+                final = epoch + 1 == cfg.SOLVER.MAX_EPOCHS
+                if (epoch + 1) % cfg.SOLVER.EVAL_PERIOD == 0 or final:
+                    last = {"epoch": epoch + 1, "results": self.evaluate_all(epoch)}
+                    self.history.append(last)
+                    self._update_best(epoch, last["results"])
+                if (epoch + 1) % cfg.SOLVER.CHECKPOINT_PERIOD == 0 or final:
+                    self.save_checkpoint(epoch + 1, 0)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if last is None and self.history:
+            last = self.history[-1]
+        return self.finish(last, time.time() - start)
+
+    def finish(self, last: Optional[Dict], seconds: float) -> Dict:
+        summary = {"last": last, "best": self.best, "train_seconds": seconds,
+                   "world_size": get_world_size(), "test_feat": self.cfg.TEST.FEAT}
+        if last is not None:
+            for split, metrics in last["results"].items():
+                self.logger.info("final (last epoch %d) %s: %s", last["epoch"], split,
+                                 format_metrics(metrics))
+        if self.best is not None:
+            how = ("selected on the validation split" if self.best["split"] == "val"
+                   else "selected on the TEST split (no validation split; optimistic)")
+            self.logger.info("best checkpoint: epoch %d, %s (mAP %.2f), saved as model_best.pth",
+                             self.best["epoch"], how, self.best["mAP"] * 100)
+        if is_main_process():
+            with open(os.path.join(self.output_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2, default=float)
+            if self.writer is not None:
+                self.writer.flush()
+        return summary

@@ -1,0 +1,50 @@
+"""Print the parameter count and forward FLOPs of a configured model for one tri-modal sample.
+
+    python tools/model_size.py --config_file configs/RGBNT201/DeMo.yml
+    python tools/model_size.py --config_file F --num_classes 171 --num_cams 4 [KEY VALUE ...]
+
+The model is built on the meta device (fast, no weights needed). FLOPs are also shown as MACs,
+the convention of DeMo's published table.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from config import build_cfg  # noqa: E402
+from utils.logger import setup_logger  # noqa: E402
+from utils.model_size import (DATASET_SIZES, build_on_meta, count_flops, count_parameters,  # noqa: E402
+                              module_parameters)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config_file", required=True)
+    parser.add_argument("--num_classes", type=int, default=None,
+                        help="training identities (default: the dataset's published count)")
+    parser.add_argument("--num_cams", type=int, default=None, help="cameras (default: the dataset's)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
+    args = parser.parse_args(argv)
+    setup_logger()
+    cfg = build_cfg(args.config_file, args.opts)
+    default_classes, default_cams = DATASET_SIZES[cfg.DATASETS.NAMES]
+    num_classes = args.num_classes or default_classes
+    num_cams = args.num_cams or default_cams
+    model = build_on_meta(cfg, num_classes, num_cams)
+    params = count_parameters(model)
+    flops = count_flops(model, cfg.INPUT.SIZE_TEST)
+    rows = [(name, f"{n / 1e6:.3f} M") for name, n in module_parameters(model).items() if n]
+    rows += [("parameters (all)", f"{params['total'] / 1e6:.2f} M"),
+             ("parameters (trainable)", f"{params['trainable'] / 1e6:.2f} M"),
+             (f"forward FLOPs, 1 sample {cfg.INPUT.SIZE_TEST[0]}x{cfg.INPUT.SIZE_TEST[1]} x3", f"{flops / 1e9:.2f} G"),
+             ("forward MACs (DeMo's 'FLOPs')", f"{flops / 2e9:.2f} G")]
+    width = max(len(r[0]) for r in rows)
+    print(f"{args.config_file}  ({num_classes} ids, {num_cams} cameras)")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value:>10}")
+    return {"params": params, "flops": flops}
+
+
+if __name__ == "__main__":
+    main()
