@@ -10,7 +10,8 @@ import sys
 from config import default_argument_parser
 from data.build import build_data
 from engine.defaults import default_setup
-from engine.evaluator import MISS_TO_MODALITIES, evaluate, format_metrics
+from engine.evaluator import (MISS_TO_MODALITIES, build_reranker, export_features, extract_with_cfg,
+                              format_metrics, rank_metrics)
 from modeling.model import build_model
 from utils.checkpoint import extract_model_state, load_checkpoint_file, load_model_weights
 from utils.dist import cleanup, get_rank, get_world_size, is_main_process
@@ -51,10 +52,17 @@ def main(argv=None) -> dict:
     test_set = data.eval_sets["test"]
     settings = list(MISS_TO_MODALITIES) if cfg.TEST.MISS == "all" else [cfg.TEST.MISS]
     rows = []
+    reranker = build_reranker(cfg)
     for miss in settings:
-        metrics = evaluate(model, test_set, cfg, device, miss=miss)
+        extracted = extract_with_cfg(model, test_set, cfg, device, miss)
+        metrics = rank_metrics(extracted, test_set, cfg.TEST.DIST, reranker)
+        metrics["num_skipped"] = extracted["num_skipped"]
         rows.append((miss, metrics))
-        logger.info("test [%s feature, %s]: %s", cfg.TEST.FEAT, MISS_LABELS[miss], format_metrics(metrics))
+        logger.info("test [%s feature, %s%s]: %s", cfg.TEST.FEAT, MISS_LABELS[miss],
+                    ", re-ranked" if reranker else "", format_metrics(metrics))
+        if cfg.TEST.EXPORT and miss == settings[0] and is_main_process():
+            export_features(cfg.TEST.EXPORT, extracted, test_set)
+            logger.info("features exported to %s", cfg.TEST.EXPORT)
     if len(rows) > 1:
         logger.info("missing-modality results:\n%s", missing_modality_table(rows))
     results = {miss: m for miss, m in rows}

@@ -8,6 +8,7 @@ Missing-modality evaluation (``TEST.MISS``): the named modalities' inputs are re
 after normalisation, as in the published protocol. Flip TTA (``TEST.FLIP``) averages the features
 of the image and its horizontal mirror.
 """
+import os
 from contextlib import nullcontext
 from typing import Dict, Optional
 
@@ -134,13 +135,28 @@ def rank_metrics(extracted: Dict, eval_set, dist_metric: str, rerank=None) -> Di
     return metrics
 
 
-def evaluate(model, eval_set, cfg, device, miss: Optional[str] = None, rerank=None) -> Dict:
-    """Extract and score one evaluation set with the config's test options."""
-    extracted = extract(model, eval_set, device, cfg.TEST.FEAT, cfg.TEST.NECK_FEAT,
-                        miss if miss is not None else cfg.TEST.MISS, cfg.TEST.FLIP, cfg.SOLVER.AMP)
-    metrics = rank_metrics(extracted, eval_set, cfg.TEST.DIST, rerank)
+def extract_with_cfg(model, eval_set, cfg, device, miss: Optional[str] = None) -> Dict:
+    """``extract`` with the config's test options (TEST.FEAT, NECK_FEAT, MISS, FLIP, SOLVER.AMP)."""
+    return extract(model, eval_set, device, cfg.TEST.FEAT, cfg.TEST.NECK_FEAT,
+                   miss if miss is not None else cfg.TEST.MISS, cfg.TEST.FLIP, cfg.SOLVER.AMP)
+
+
+def evaluate(model, eval_set, cfg, device, miss: Optional[str] = None) -> Dict:
+    """Extract and score one evaluation set with the config's test options (re-ranking too)."""
+    extracted = extract_with_cfg(model, eval_set, cfg, device, miss)
+    metrics = rank_metrics(extracted, eval_set, cfg.TEST.DIST, build_reranker(cfg))
     metrics["num_skipped"] = extracted["num_skipped"]
     return metrics
+
+
+def build_reranker(cfg):
+    """k-reciprocal re-ranking as a (qf, gf) -> distance callable, or None (TEST.RERANK)."""
+    r = cfg.TEST.RERANK
+    if not r.ENABLED:
+        return None
+    from utils.rerank import re_ranking
+
+    return lambda qf, gf: re_ranking(qf, gf, k1=r.K1, k2=r.K2, lambda_value=r.LAMBDA)
 
 
 def format_metrics(metrics: Dict) -> str:
@@ -152,3 +168,20 @@ def format_metrics(metrics: Dict) -> str:
         text += (f"  kept-token foreground precision {metrics['fg_precision'] * 100:.1f}% "
                  f"(all patches {metrics['fg_share'] * 100:.1f}%)")
     return text
+
+
+def export_features(path: str, extracted: Dict, eval_set) -> None:
+    """Write features, pids, camids, sceneids and image paths of the query and gallery rows to a
+    .npz file (keys ``query_feats``, ``query_pids``, ..., ``gallery_paths``; paths joined by '|'
+    for the three modalities)."""
+    q, g = split_query_gallery(extracted, eval_set)
+    paths = np.array(["|".join(eval_set.samples[i].paths) for i in extracted["index"]])
+    arrays = {}
+    for prefix, rows in (("query", q), ("gallery", g)):
+        arrays[f"{prefix}_feats"] = extracted["feats"].numpy()[rows]
+        for key in ("pids", "camids", "sceneids"):
+            arrays[f"{prefix}_{key}"] = extracted[key][rows]
+        arrays[f"{prefix}_paths"] = paths[rows]
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    np.savez(path, **arrays)

@@ -1,0 +1,65 @@
+"""Evaluation options: missing modalities, feature export, the missing-modality table, flip TTA."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import test_net
+import train_net
+from engine.evaluator import MISS_TO_MODALITIES, patch_foreground, zero_missing
+
+
+@pytest.mark.parametrize("miss,zeroed", [("none", ()), ("r", (0,)), ("n", (1,)), ("t", (2,)),
+                                         ("rn", (0, 1)), ("rt", (0, 2)), ("nt", (1, 2))])
+def test_missing_modality_zeroes_exactly_the_named_inputs(miss, zeroed):
+    images = torch.randn(4, 3, 3, 8, 4) + 5.0
+    out = zero_missing(images, miss)
+    for m in range(3):
+        if m in zeroed:
+            assert torch.count_nonzero(out[:, m]) == 0
+        else:
+            assert torch.equal(out[:, m], images[:, m])
+    assert torch.count_nonzero(images) == images.numel()  # the input is not modified in place
+
+
+def test_patch_foreground_share():
+    masks = torch.zeros(1, 4, 4)
+    masks[0, :2, :2] = 1.0  # top-left patch full, the rest empty
+    masks[0, 2:, 2:3] = 1.0  # bottom-right patch half
+    share = patch_foreground(masks, (2, 2), (2, 2))
+    assert share.tolist() == [[1.0, 0.0, 0.0, 0.5]]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synthetic_root):
+    from tests.conftest import TINY_OPTS
+
+    out = str(tmp_path_factory.mktemp("eval_out"))
+    opts = TINY_OPTS + ["DATASETS.ROOT_DIR", synthetic_root, "OUTPUT_DIR", out, "SOLVER.MAX_EPOCHS", "1"]
+    train_net.main(list(opts))
+    return opts, os.path.join(out, "checkpoint_epoch1.pth")
+
+
+def test_missing_modality_table_and_export(trained, tmp_path):
+    opts, weight = trained
+    export = str(tmp_path / "feats.npz")
+    results = test_net.main(list(opts) + ["TEST.WEIGHT", weight, "TEST.MISS", "all", "TEST.EXPORT", export])
+    assert set(results) == set(MISS_TO_MODALITIES)
+    assert len({round(r["mAP"], 9) for r in results.values()}) > 1  # the settings really differ
+    data = np.load(export)
+    assert data["query_feats"].shape[0] == data["query_pids"].shape[0] == results["none"]["num_query"]
+    assert data["gallery_paths"].shape[0] == results["none"]["num_gallery"]
+    assert all(p.count("|") == 2 for p in data["query_paths"])
+    assert set(np.unique(data["query_camids"])) <= {0, 1, 2, 3}
+
+
+def test_flip_test_time_augmentation_changes_features(trained, tmp_path):
+    opts, weight = trained
+    plain = test_net.main(list(opts) + ["TEST.WEIGHT", weight, "TEST.EXPORT", str(tmp_path / "a.npz")])
+    flipped = test_net.main(list(opts) + ["TEST.WEIGHT", weight, "TEST.FLIP", "True",
+                                          "TEST.EXPORT", str(tmp_path / "b.npz")])
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert a["query_feats"].shape == b["query_feats"].shape
+    assert not np.allclose(a["query_feats"], b["query_feats"])
+    assert plain["none"]["num_query"] == flipped["none"]["num_query"]
