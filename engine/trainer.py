@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from engine.evaluator import autocast_context, evaluate, format_metrics
-from modeling.losses import CrossEntropyLabelSmooth, TripletLoss
+from modeling.losses import ReIDCriterion
 from modeling.sdtps import PAIR_NAMES, diagnostics_summary
 from solver.build import build_optimizer, build_scheduler
 from utils import checkpoint as ckpt
@@ -57,8 +57,7 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.amp = cfg.SOLVER.AMP
         self.scaler = torch.amp.GradScaler(device.type, enabled=(self.amp == "fp16"))
-        self.id_loss = CrossEntropyLabelSmooth(cfg.MODEL.LABEL_SMOOTH)
-        self.triplet_loss = TripletLoss(cfg.MODEL.TRIPLET_MARGIN, cfg.MODEL.TRIPLET_SOFT_MARGIN)
+        self.criterion = ReIDCriterion(cfg)
         self.start_epoch, self.start_iter = 0, 0
         self.resume_rng: Optional[dict] = None
         self.best: Optional[Dict] = None
@@ -117,19 +116,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ losses and steps
     def compute_loss(self, outputs: Dict, pids: torch.Tensor):
-        """Sum over heads of weight x (ID_W x CE + TRI_W x triplet); returns (loss, parts, acc)."""
-        m = self.cfg.MODEL
-        total, parts, acc = 0.0, {}, None
-        for name, (feat, _, logits) in outputs["heads"].items():
-            id_loss = self.id_loss(logits, pids)
-            tri_loss = self.triplet_loss(feat, pids)
-            weight = self.model.loss_weights[name]
-            total = total + weight * (m.ID_LOSS_WEIGHT * id_loss + m.TRIPLET_LOSS_WEIGHT * tri_loss)
-            parts[f"{name}/id"] = id_loss.item()
-            parts[f"{name}/triplet"] = tri_loss.item()
-            if acc is None:
-                acc = float((logits.argmax(1) == pids).float().mean())
-        return total, parts, acc
+        """(loss, parts, acc) of a batch; override to change the objective."""
+        return self.criterion(outputs, pids, self.model.loss_weights)
 
     def train_step(self, batch: Dict) -> Dict:
         images = batch["images"].to(self.device, non_blocking=True)

@@ -46,3 +46,30 @@ class TripletLoss(nn.Module):
         if self.soft_margin:
             return F.softplus(diff).mean()
         return F.relu(diff + self.margin).mean()
+
+
+class ReIDCriterion:
+    """The training objective: sum over heads of w_head x (ID_W x CE + TRI_W x triplet).
+
+    __call__(outputs (the model's dict), pids (B,), loss_weights {head: w}) ->
+    (total loss, {"<head>/id": float, "<head>/triplet": float}, accuracy of the first head).
+    """
+
+    def __init__(self, cfg):
+        m = cfg.MODEL
+        self.id_weight = m.ID_LOSS_WEIGHT
+        self.triplet_weight = m.TRIPLET_LOSS_WEIGHT
+        self.id_loss = CrossEntropyLabelSmooth(m.LABEL_SMOOTH)
+        self.triplet_loss = TripletLoss(m.TRIPLET_MARGIN, m.TRIPLET_SOFT_MARGIN)
+
+    def __call__(self, outputs, pids: torch.Tensor, loss_weights):
+        total, parts, acc = 0.0, {}, None
+        for name, (feat, _, logits) in outputs["heads"].items():
+            id_loss = self.id_loss(logits, pids)
+            tri_loss = self.triplet_loss(feat, pids)
+            total = total + loss_weights[name] * (self.id_weight * id_loss + self.triplet_weight * tri_loss)
+            parts[f"{name}/id"] = id_loss.item()
+            parts[f"{name}/triplet"] = tri_loss.item()
+            if acc is None:
+                acc = (logits.argmax(1) == pids).float().mean().item()
+        return total, parts, acc

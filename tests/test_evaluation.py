@@ -63,3 +63,21 @@ def test_flip_test_time_augmentation_changes_features(trained, tmp_path):
     assert a["query_feats"].shape == b["query_feats"].shape
     assert not np.allclose(a["query_feats"], b["query_feats"])
     assert plain["none"]["num_query"] == flipped["none"]["num_query"]
+
+
+def test_rerank_option_reaches_evaluation(trained, monkeypatch):
+    import utils.rerank
+
+    calls = []
+    original = utils.rerank.re_ranking
+
+    def spy(qf, gf, **kwargs):
+        calls.append(kwargs)
+        return original(qf, gf, **kwargs)
+
+    monkeypatch.setattr(utils.rerank, "re_ranking", spy)
+    opts, weight = trained
+    results = test_net.main(list(opts) + ["TEST.WEIGHT", weight, "TEST.RERANK.ENABLED", "True",
+                                          "TEST.RERANK.K1", "5", "TEST.RERANK.K2", "2"])
+    assert calls == [{"k1": 5, "k2": 2, "lambda_value": 0.3}]
+    assert 0.0 < results["none"]["mAP"] <= 1.0
