@@ -133,7 +133,8 @@ def merge_file(cfg: CfgNode, path: str, _seen=()) -> None:
     try:
         cfg.merge_from_other_cfg(CfgNode(content))
     except (KeyError, AssertionError) as exc:
-        raise ConfigError(f"{path}: unknown config key: {exc.args[0]}") from exc
+        key = str(exc.args[0]).replace("Non-existent config key: ", "")
+        raise ConfigError(f"{path}: unknown config key: {key}") from exc
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
 

@@ -136,11 +136,11 @@ _C.DATASETS.VAL_IDS = 0
 # The synthetic tri-modal dataset, generated on first use under ROOT_DIR in RGBNT201's layout.
 _C.DATASETS.SYNTHETIC = CN()
 # Training identities.
-_C.DATASETS.SYNTHETIC.NUM_TRAIN_IDS = 60
+_C.DATASETS.SYNTHETIC.NUM_TRAIN_IDS = 150
 # Test identities.
-_C.DATASETS.SYNTHETIC.NUM_TEST_IDS = 20
+_C.DATASETS.SYNTHETIC.NUM_TEST_IDS = 50
 # Samples (RGB/NI/TI triplets) per identity.
-_C.DATASETS.SYNTHETIC.SAMPLES_PER_ID = 16
+_C.DATASETS.SYNTHETIC.SAMPLES_PER_ID = 8
 # Image height in pixels.
 _C.DATASETS.SYNTHETIC.HEIGHT = 128
 # Image width in pixels.

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from modeling.model import retrieval_feature
 from utils.dist import all_gather_tensor
-from utils.metrics import compute_distance, evaluate_rank
+from utils.metrics import compute_distance, evaluate_rank, random_ranking_map
 
 MISS_TO_MODALITIES = {"none": (), "r": (0,), "n": (1,), "t": (2,), "rn": (0, 1), "rt": (0, 2),
                       "nt": (1, 2)}
@@ -125,8 +125,10 @@ def rank_metrics(extracted: Dict, eval_set, dist_metric: str, rerank=None) -> Di
         scenes = dict(q_scenes=extracted["sceneids"][q], g_scenes=extracted["sceneids"][g])
     cmc, mean_ap, minp = evaluate_rank(distmat, extracted["pids"][q], extracted["pids"][g],
                                        extracted["camids"][q], extracted["camids"][g], **scenes)
+    chance = random_ranking_map(extracted["pids"][q], extracted["pids"][g], extracted["camids"][q],
+                                extracted["camids"][g], **scenes)
     metrics = {"mAP": float(mean_ap), "mINP": float(minp), "num_query": int(q.sum()),
-               "num_gallery": int(g.sum())}
+               "num_gallery": int(g.sum()), "chance_mAP": chance}
     for k in (1, 5, 10):
         metrics[f"R{k}"] = float(cmc[min(k, len(cmc)) - 1])
     if "kept" in extracted:
@@ -163,10 +165,13 @@ def format_metrics(metrics: Dict) -> str:
     text = (f"mAP {metrics['mAP'] * 100:.2f}  R1 {metrics['R1'] * 100:.2f}  "
             f"R5 {metrics['R5'] * 100:.2f}  R10 {metrics['R10'] * 100:.2f}  "
             f"mINP {metrics['mINP'] * 100:.2f}  ({metrics['num_query']} queries, "
-            f"{metrics['num_gallery']} gallery)")
+            f"{metrics['num_gallery']} gallery; chance mAP {metrics['chance_mAP'] * 100:.2f}, "
+            f"{metrics['mAP'] / metrics['chance_mAP']:.1f}x chance)")
     if "fg_precision" in metrics:
         text += (f"  kept-token foreground precision {metrics['fg_precision'] * 100:.1f}% "
                  f"(all patches {metrics['fg_share'] * 100:.1f}%)")
+    if metrics.get("num_skipped"):
+        text += f"  [{metrics['num_skipped']} unreadable sample(s) skipped]"
     return text
 
 

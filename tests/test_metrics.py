@@ -286,3 +286,18 @@ def test_compute_distance_rankings_agree():
     a = evaluate_rank(cos, q_pids, g_pids, q_cams, g_cams)
     b = evaluate_rank(euc, q_pids, g_pids, q_cams, g_cams)
     assert_same(a, b)
+
+
+def test_random_ranking_map_matches_simulation():
+    from utils.metrics import random_ranking_map
+
+    rng = np.random.default_rng(0)
+    q_pids, g_pids = rng.integers(0, 5, 12), rng.integers(0, 5, 30)
+    q_cams, g_cams = rng.integers(0, 3, 12), rng.integers(0, 3, 30)
+    exact = random_ranking_map(q_pids, g_pids, q_cams, g_cams)
+    simulated = np.mean([evaluate_rank(rng.random((12, 30)), q_pids, g_pids, q_cams, g_cams)[1]
+                         for _ in range(3000)])
+    assert abs(exact - simulated) < 0.005
+    # A single positive among G valid items: E[1 / rank] = H_G / G.
+    assert random_ranking_map([0], [0, 1, 2, 3], [0], [1, 1, 1, 1]) == pytest.approx(
+        (1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)

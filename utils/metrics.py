@@ -362,3 +362,28 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     hist = np.bincount(np.minimum(first, max_rank + 1) - 1, minlength=max_rank + 1)
     cmc = np.cumsum(hist[:max_rank]).astype(np.float64) / first.size
     return cmc, float(ap.mean()), float(inp.mean())
+
+
+def random_ranking_map(q_pids, g_pids, q_camids, g_camids, q_scenes=None, g_scenes=None) -> float:
+    """Expected mAP of a uniformly random ranking under the same protocol as :func:`evaluate_rank`
+    (the "chance level" of a split).
+
+    For a query with ``R`` positives among ``G`` valid (non-junk) gallery items, the expected AP of
+    a random permutation is exactly ``H_G / G + (R - 1) / (G (G - 1)) * (G - H_G)`` with
+    ``H_G = sum_{k<=G} 1/k`` (from E[rel_k P@k] = (1/k)(R/G + (k-1) R(R-1)/(G(G-1)))).
+    Queries without a positive are skipped, as in evaluation. Memory: one (Q, G) boolean.
+    """
+    q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
+    q_key = np.asarray(q_scenes if q_scenes is not None else q_camids)
+    g_key = np.asarray(g_scenes if g_scenes is not None else g_camids)
+    same_pid = q_pids[:, None] == g_pids[None, :]
+    junk = same_pid & (q_key[:, None] == g_key[None, :])
+    positives = (same_pid & ~junk).sum(1).astype(np.float64)
+    valid = (~junk).sum(1).astype(np.float64)
+    keep = positives > 0
+    if not keep.any():
+        raise ValueError("random_ranking_map: no query has a valid positive")
+    r, g = positives[keep], valid[keep]
+    harmonic = np.cumsum(1.0 / np.arange(1, int(g.max()) + 1))[g.astype(np.int64) - 1]
+    pair_term = np.where(g > 1, (r - 1) / np.maximum(g * (g - 1), 1) * (g - harmonic), 0.0)
+    return float(np.mean(harmonic / g + pair_term))
