@@ -45,7 +45,8 @@ class TriModalImageDataset(Dataset):
             images = read_triplet(sample)
         except BadImageError as exc:
             if not self.skip_bad_images:
-                raise
+                raise BadImageError(f"{exc}; set DATALOADER.SKIP_BAD_IMAGES True to skip (and "
+                                    f"count) unreadable images") from exc
             get_logger().warning("skipping unreadable image: %s", exc)
             return None
         item = {

@@ -36,8 +36,9 @@ class RandomIdentitySampler(Sampler[int]):
         self.num_pids_per_batch = batch_size // num_instances
         if self.num_pids_per_batch % world_size != 0:
             raise ValueError(
-                f"identities per batch ({self.num_pids_per_batch}) must be divisible by the number "
-                f"of processes ({world_size})"
+                f"identities per batch (SOLVER.IMS_PER_BATCH / DATALOADER.NUM_INSTANCE = "
+                f"{self.num_pids_per_batch}) must be divisible by the number of processes "
+                f"({world_size}): each process takes whole identities of every global batch"
             )
         self.num_instances = num_instances
         self.seed = seed
@@ -58,7 +59,8 @@ class RandomIdentitySampler(Sampler[int]):
             get_logger().warning(
                 "%d of %d identities have fewer than %d images; they are sampled with replacement",
                 len(short), len(self.pids), num_instances)
-        self._length = len(self._global_batches(0)) * (batch_size // world_size)
+        self._per_rank_batch = batch_size // world_size
+        self._lengths = {}  # epoch -> indices of this rank in that epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -90,8 +92,10 @@ class RandomIdentitySampler(Sampler[int]):
             yield from batch[self.rank * per_rank:(self.rank + 1) * per_rank]
 
     def __len__(self) -> int:
-        """Indices per epoch for this rank (exact for epoch 0; later epochs may differ by a batch)."""
-        return self._length
+        """Indices of this rank in the current epoch (the batch count varies a little by epoch)."""
+        if self.epoch not in self._lengths:
+            self._lengths[self.epoch] = len(self._global_batches(self.epoch)) * self._per_rank_batch
+        return self._lengths[self.epoch]
 
 
 class ShardSampler(Sampler[int]):

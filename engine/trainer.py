@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from typing import Dict, Optional
 
 import torch
@@ -27,9 +28,14 @@ from modeling.losses import ReIDCriterion
 from modeling.sdtps import PAIR_NAMES, diagnostics_summary
 from solver.build import build_optimizer, build_scheduler
 from utils import checkpoint as ckpt
-from utils.dist import get_world_size, is_distributed, is_main_process
+from utils.dist import (all_gather_object, any_rank, barrier, broadcast_buffers, get_rank,
+                        get_world_size, is_distributed, is_main_process)
 from utils.logger import get_logger
 from utils.seed import get_rng_state, seed_everything, set_rng_state
+
+
+# Per-rank offset of the epoch seeds (larger than any epoch count, so no two (rank, epoch) collide).
+RANK_SEED_STRIDE = 1_000_003
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,7 +53,11 @@ class Trainer:
         self.output_dir = cfg.OUTPUT_DIR
         self.model = model.to(device)
         if cfg.MODEL.SYNC_BN and is_distributed():
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            if device.type == "cuda":
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            else:  # DDP refuses SyncBatchNorm on CPU modules
+                self.logger.warning("MODEL.SYNC_BN is ignored on %s: SyncBatchNorm needs CUDA; "
+                                    "each process normalises its own part of the batch", device)
         self.train_model = self.model
         if is_distributed():
             ids = [device.index] if device.type == "cuda" else None
@@ -63,6 +73,8 @@ class Trainer:
         self.best: Optional[Dict] = None
         self.history = []
         self.nonfinite_streak = 0
+        self.nonfinite_steps = 0  # skipped steps over the whole run
+        self.skipped_train_images = 0  # unreadable training images skipped (SKIP_BAD_IMAGES)
         self.global_step = 0
         self.stop_requested = False
         self.writer = None
@@ -84,15 +96,27 @@ class Trainer:
             "rng": get_rng_state(),
             "best": self.best,
             "history": self.history,
+            "nonfinite_steps": self.nonfinite_steps,
+            "skipped_train_images": self.skipped_train_images,
             "cfg": self.cfg.dump(),
         }
 
     def save_checkpoint(self, epoch: int, iteration: int = 0) -> None:
-        """Checkpoint the position "next: ``epoch``, batch ``iteration``" (rank 0 writes)."""
+        """Checkpoint the position "next: ``epoch``, batch ``iteration``" (rank 0 writes).
+
+        Every rank must call it: under DDP the ranks' RNG states are gathered into the file (a
+        resumed run continues each rank's own random stream), and no rank returns before the file
+        is in place, so none can exit (or be torn down by torchrun) while rank 0 is writing.
+        """
+        rng_per_rank = all_gather_object(get_rng_state()) if is_distributed() else None
         if is_main_process():
-            path = ckpt.save_epoch_checkpoint(self.state_dict(epoch, iteration), self.output_dir,
-                                              epoch, self.cfg.SOLVER.KEEP_LAST)
+            state = self.state_dict(epoch, iteration)
+            if rng_per_rank is not None:
+                state["rng_per_rank"] = rng_per_rank
+            path = ckpt.save_epoch_checkpoint(state, self.output_dir, epoch,
+                                              self.cfg.SOLVER.KEEP_LAST)
             self.logger.info("checkpoint written: %s", path)
+        barrier()
 
     def resume(self) -> bool:
         """Load the newest readable checkpoint of OUTPUT_DIR; False when there is none."""
@@ -101,15 +125,37 @@ class Trainer:
             self.logger.info("--resume: no checkpoint in %s, starting from scratch", self.output_dir)
             return False
         path, state = found
-        ckpt.load_model_weights(self.model, state["model"], strict=True, source=path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        problems = ckpt.load_model_weights(self.model, state["model"], self.cfg.MODEL.LOAD_STRICT,
+                                           source=path)
         self.start_epoch, self.start_iter = state["epoch"], state.get("iteration", 0)
+        if problems:  # non-strict load of another architecture: its optimizer state cannot fit
+            self.logger.warning("--resume with MODEL.LOAD_STRICT False from a checkpoint of another "
+                                "model: optimizer%s state not restored, starting afresh at epoch %d",
+                                " and grad-scaler" if self.amp == "fp16" else "",
+                                self.start_epoch + 1)
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
+                warnings.simplefilter("ignore")
+                for _ in range(self.start_epoch):
+                    self.scheduler.step()
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
         self.global_step = state.get("global_step", 0)
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        self.skipped_train_images = state.get("skipped_train_images", 0)
         self.best = state.get("best")
         self.history = state.get("history", [])
-        self.resume_rng = state["rng"] if self.start_iter > 0 else None
+        rng = state["rng"]
+        per_rank = state.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == get_world_size():
+            rng = per_rank[get_rank()]
+        elif self.start_iter > 0 and (per_rank is not None or get_world_size() > 1):
+            self.logger.warning("%s was written by %d process(es) and is resumed mid-epoch by %d: "
+                                "the random streams (augmentation, dropout) differ from an "
+                                "uninterrupted run", path, len(per_rank or [None]),
+                                get_world_size())
+        self.resume_rng = rng if self.start_iter > 0 else None
         self.logger.info("resumed from %s at epoch %d, iteration %d", path, self.start_epoch + 1,
                          self.start_iter)
         return True
@@ -145,8 +191,9 @@ class Trainer:
             self.nonfinite_streak = 0
             return
         self.nonfinite_streak += 1
+        self.nonfinite_steps += 1
         self.logger.warning("non-finite loss (%s) at epoch %d iteration %d: step skipped (%d in a row)",
-                            result["loss"], epoch + 1, iteration, self.nonfinite_streak)
+                            result["loss"], epoch + 1, iteration + 1, self.nonfinite_streak)
         if self.nonfinite_streak >= self.cfg.SOLVER.MAX_NONFINITE:
             raise NonFiniteLossError(
                 f"{self.nonfinite_streak} consecutive non-finite losses (SOLVER.MAX_NONFINITE); "
@@ -189,7 +236,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _seed_epoch(self, epoch: int) -> None:
-        seed = self.cfg.SOLVER.SEED + epoch
+        # The identity sampler draws the same global batches on every rank (from its own seed);
+        # augmentation, dropout and drop-path are seeded per rank, or all ranks would draw the
+        # same random numbers for different images. Rank 0 keeps the single-process seeds.
+        seed = self.cfg.SOLVER.SEED + epoch + get_rank() * RANK_SEED_STRIDE
         seed_everything(seed)
         self.data.train_sampler.set_epoch(epoch)
         self.data.train_loader.generator.manual_seed(seed)
@@ -202,6 +252,7 @@ class Trainer:
         skip = self.start_iter if epoch == self.start_epoch else 0
         bar = tqdm(loader, total=num_iters, desc=f"epoch {epoch + 1}/{self.cfg.SOLVER.MAX_EPOCHS}",
                    disable=not (is_main_process() and sys.stderr.isatty()), leave=False)
+        skipped_images = 0
         for iteration, batch in enumerate(bar):
             if iteration < skip:  # already trained on before the interruption
                 if iteration == skip - 1 and self.resume_rng is not None:
@@ -210,7 +261,15 @@ class Trainer:
                     set_rng_state(self.resume_rng)
                     self.resume_rng = None
                 continue
-            if "images" not in batch:
+            skipped_images += batch.get("num_skipped", 0)
+            empty = "images" not in batch
+            if is_distributed() and self.cfg.DATALOADER.SKIP_BAD_IMAGES:
+                # a rank whose whole part of the batch was unreadable cannot join the DDP step,
+                # so every rank skips it
+                empty = any_rank(empty, self.device)
+            if empty:
+                self.logger.warning("epoch %d iteration %d: no readable image in the batch; step "
+                                    "skipped", epoch + 1, iteration + 1)
                 continue
             result = self.train_step(batch)
             self.handle_nonfinite(result, epoch, iteration)
@@ -218,12 +277,29 @@ class Trainer:
             self.after_step(result, epoch, iteration, num_iters)
             if result["finite"]:
                 bar.set_postfix(loss=f"{result['loss']:.3f}", acc=f"{result['acc']:.2f}")
-            if self.stop_requested:
+            # Under DDP the ranks receive a signal at slightly different moments: they agree
+            # after every step, so all of them stop after the same iteration.
+            stop = any_rank(self.stop_requested, self.device) if is_distributed() else self.stop_requested
+            if stop:
                 self.save_checkpoint(epoch, iteration + 1)
                 raise SystemExit(f"stopped by signal at epoch {epoch + 1} iteration {iteration + 1}; "
                                  f"resume with --resume")
+        self._count_skipped_images(epoch, skipped_images)
+
+    def _count_skipped_images(self, epoch: int, skipped: int) -> None:
+        """Add this epoch's skipped training images (all ranks) to the run's count and log them."""
+        total = torch.tensor([float(skipped)], device=self.device)
+        if is_distributed():
+            torch.distributed.all_reduce(total)
+        if total.item() > 0:
+            self.skipped_train_images += int(total.item())
+            self.logger.warning("epoch %d: %d unreadable training image(s) skipped "
+                                "(DATALOADER.SKIP_BAD_IMAGES); %d in this run so far", epoch + 1,
+                                int(total.item()), self.skipped_train_images)
 
     def evaluate_all(self, epoch: int) -> Dict[str, Dict]:
+        # every rank extracts its shard with rank 0's BatchNorm statistics (those it checkpoints)
+        broadcast_buffers(self.model)
         results = {}
         for name, eval_set in self.data.eval_sets.items():
             metrics = evaluate(self.model, eval_set, self.cfg, self.device)
@@ -242,9 +318,9 @@ class Trainer:
         if self.best is None or score > self.best["mAP"]:
             self.best = {"epoch": epoch + 1, "split": split, "mAP": score, "metrics": results}
             if is_main_process():
-                ckpt.atomic_torch_save({"model": self.model.state_dict(), "epoch": epoch + 1,
-                                        "metrics": results, "cfg": self.cfg.dump()},
-                                       os.path.join(self.output_dir, "model_best.pth"))
+                ckpt.atomic_torch_save(ckpt.with_checksum(
+                    {"model": self.model.state_dict(), "epoch": epoch + 1, "metrics": results,
+                     "cfg": self.cfg.dump()}), os.path.join(self.output_dir, "model_best.pth"))
 
     def request_stop(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         self.logger.warning("signal %d received: checkpointing after this iteration", signum)
@@ -279,7 +355,9 @@ class Trainer:
 
     def finish(self, last: Optional[Dict], seconds: float) -> Dict:
         summary = {"last": last, "best": self.best, "train_seconds": seconds,
-                   "world_size": get_world_size(), "test_feat": self.cfg.TEST.FEAT}
+                   "world_size": get_world_size(), "test_feat": self.cfg.TEST.FEAT,
+                   "nonfinite_steps": self.nonfinite_steps,
+                   "skipped_train_images": self.skipped_train_images}
         if last is not None:
             for split, metrics in last["results"].items():
                 self.logger.info("final (last epoch %d) %s: %s", last["epoch"], split,

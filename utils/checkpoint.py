@@ -4,18 +4,65 @@ Every file is written to a temporary name in the same folder, flushed to disk an
 place, so a process killed at any moment leaves either the old file or the new one, never a torn
 one. ``last_checkpoint`` (a text file, also replaced atomically) names the newest complete epoch
 checkpoint; on resume, a file that fails to load is reported and the next older one is tried.
+
+Epoch checkpoints and ``model_best.pth`` also carry a CRC32 of their content (``checksum``),
+checked on every load: a file that is complete as a zip archive but damaged inside (bit rot, a
+copy that filled blocks with zeros) is refused instead of silently loading wrong weights. A
+truncated file already fails to load (its zip directory, written last, is missing).
 """
 import glob
 import os
 import re
+import zlib
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from utils.logger import get_logger
 
 LAST_POINTER = "last_checkpoint"
 EPOCH_PATTERN = re.compile(r"checkpoint_epoch(\d+)\.pth$")
+CHECKSUM_KEY = "checksum"
+
+
+def state_checksum(state) -> str:
+    """CRC32 over a checkpoint's content: every tensor (dtype, shape, bytes) and plain value,
+    walked in a fixed order (dict keys sorted); the ``checksum`` entry itself is left out."""
+    crc = 0
+
+    def add(data) -> None:
+        nonlocal crc
+        crc = zlib.crc32(data, crc)
+
+    def walk(obj) -> None:
+        if torch.is_tensor(obj):
+            flat = obj.detach().cpu().contiguous().reshape(-1)
+            add(f"T{flat.dtype}{tuple(obj.shape)}".encode())
+            add(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        elif isinstance(obj, np.ndarray):
+            add(f"A{obj.dtype}{obj.shape}".encode())
+            add(np.ascontiguousarray(obj).tobytes())
+        elif isinstance(obj, dict):
+            for key in sorted(obj, key=repr):
+                if key != CHECKSUM_KEY:
+                    add(repr(key).encode())
+                    walk(obj[key])
+        elif isinstance(obj, (list, tuple)):
+            add(b"[")
+            for item in obj:
+                walk(item)
+            add(b"]")
+        elif obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+            add(repr(obj).encode())
+
+    walk(state)
+    return f"crc32:{crc:08x}"
+
+
+def with_checksum(state: dict) -> dict:
+    """``state`` plus its ``checksum`` entry (a shallow copy)."""
+    return {**state, CHECKSUM_KEY: state_checksum(state)}
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -52,7 +99,7 @@ def epoch_checkpoints(output_dir: str):
 def save_epoch_checkpoint(state: dict, output_dir: str, epoch: int, keep_last: int) -> str:
     """Write ``checkpoint_epoch{epoch}.pth``, point ``last_checkpoint`` at it, prune old ones."""
     path = os.path.join(output_dir, f"checkpoint_epoch{epoch}.pth")
-    atomic_torch_save(state, path)
+    atomic_torch_save(with_checksum(state), path)
     atomic_write_text(os.path.basename(path), os.path.join(output_dir, LAST_POINTER))
     if keep_last > 0:
         for _, old in epoch_checkpoints(output_dir)[keep_last:]:
@@ -61,13 +108,20 @@ def save_epoch_checkpoint(state: dict, output_dir: str, epoch: int, keep_last: i
 
 
 def load_checkpoint_file(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint; a missing file is a FileNotFoundError naming the path."""
+    """Load a checkpoint; a missing file is a FileNotFoundError naming the path, an unreadable or
+    damaged one (checksum mismatch) a RuntimeError naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # torn or foreign file
         raise RuntimeError(f"cannot read checkpoint {path}: {exc}") from exc
+    if isinstance(state, dict) and CHECKSUM_KEY in state:
+        actual = state_checksum(state)
+        if actual != state[CHECKSUM_KEY]:
+            raise RuntimeError(f"cannot read checkpoint {path}: checksum mismatch (stored "
+                               f"{state[CHECKSUM_KEY]}, content {actual}); the file is damaged")
+    return state
 
 
 def find_resume_checkpoint(output_dir: str) -> Optional[Tuple[str, dict]]:
@@ -105,10 +159,11 @@ def extract_model_state(obj: dict) -> dict:
     return obj
 
 
-def load_model_weights(model: torch.nn.Module, state_dict: dict, strict: bool, source: str) -> None:
+def load_model_weights(model: torch.nn.Module, state_dict: dict, strict: bool, source: str) -> list:
     """Load weights, with an error that lists mismatched keys and shapes.
 
-    With ``strict`` False, mismatched keys are skipped and listed in a warning instead.
+    With ``strict`` False, mismatched keys are skipped and listed in a warning instead. Returns
+    the list of problems (empty when the checkpoint matches the model exactly).
     """
     logger = get_logger()
     own = model.state_dict()
@@ -119,13 +174,17 @@ def load_model_weights(model: torch.nn.Module, state_dict: dict, strict: bool, s
         for k in own
         if k in state_dict and hasattr(state_dict[k], "shape") and state_dict[k].shape != own[k].shape
     )
+    def listed(items, sep=", ", shown=20):
+        more = f"{sep}... and {len(items) - shown} more" if len(items) > shown else ""
+        return sep.join(items[:shown]) + more
+
     problems = []
     if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}")
+        problems.append(f"missing keys ({len(missing)}): {listed(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
+        problems.append(f"unexpected keys ({len(unexpected)}): {listed(unexpected)}")
     if wrong_shape:
-        problems.append(f"shape mismatches ({len(wrong_shape)}): {'; '.join(wrong_shape[:20])}")
+        problems.append(f"shape mismatches ({len(wrong_shape)}): {listed(wrong_shape, '; ')}")
     if problems and strict:
         raise RuntimeError(
             f"checkpoint {source} does not match this model (another architecture or config?):\n  "
@@ -136,3 +195,4 @@ def load_model_weights(model: torch.nn.Module, state_dict: dict, strict: bool, s
         logger.warning("loading %s non-strictly:\n  %s", source, "\n  ".join(problems))
     compatible = {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(compatible, strict=False)
+    return problems

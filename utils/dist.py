@@ -55,15 +55,48 @@ def all_gather_tensor(tensor: torch.Tensor) -> List[torch.Tensor]:
     world = get_world_size()
     if world == 1:
         return [tensor]
-    length = torch.tensor([tensor.shape[0]], device=tensor.device)
-    lengths = [torch.zeros_like(length) for _ in range(world)]
-    dist.all_gather(lengths, length)
-    max_len = int(max(int(x) for x in lengths))
-    padded = tensor.new_zeros((max_len,) + tuple(tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
+    # Every dimension is agreed, not only the first: a rank with an empty shard may not know the
+    # feature width (it holds a (0, 0) tensor) and must still match the others' shape.
+    shape = torch.tensor(tuple(tensor.shape), dtype=torch.long, device=tensor.device)
+    shapes = [torch.zeros_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    full = torch.stack(shapes).max(dim=0).values.tolist()
+    padded = tensor.new_zeros(full)
+    padded[tuple(slice(0, n) for n in tensor.shape)] = tensor
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded)
-    return [g[: int(n)] for g, n in zip(gathered, lengths)]
+    return [g[: int(s[0])] for g, s in zip(gathered, shapes)]
+
+
+def all_gather_object(obj) -> list:
+    """Picklable ``obj`` of every rank, in rank order (``[obj]`` in a single process)."""
+    if get_world_size() == 1:
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on at least one rank (a collective under DDP)."""
+    if not is_distributed():
+        return bool(flag)
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (e.g. BatchNorm running statistics) to every rank.
+
+    DDP broadcasts rank 0's buffers at the start of each training forward, but the forward then
+    updates each rank's running statistics from its own batch, so after training the ranks differ
+    slightly; evaluation and checkpoints must all use rank 0's values.
+    """
+    if not is_distributed():
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src)
 
 
 def cleanup() -> None:

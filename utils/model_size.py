@@ -46,6 +46,16 @@ def count_flops(model: torch.nn.Module, size) -> int:
     device = next(model.parameters()).device
     images = torch.zeros(1, 3, 3, int(size[0]), int(size[1]), device=device)
     cams = torch.zeros(1, dtype=torch.long, device=device)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(images, cams)
+    # The counter's module tracker fails ("Expected gradient function to be set") on a module
+    # called with a parameter as argument (DGAF's pooling query) under no_grad, so the parameters
+    # stop requiring gradients while counting (restored afterwards).
+    requires = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(images, cams)
+    finally:
+        for p, flag in zip(model.parameters(), requires):
+            p.requires_grad_(flag)
     return counter.get_total_flops()

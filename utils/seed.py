@@ -1,6 +1,7 @@
 """Seeding and determinism helpers."""
 import os
 import random
+import signal
 
 import numpy as np
 import torch
@@ -27,7 +28,12 @@ def worker_init_fn(worker_id: int) -> None:
 
     torch already seeds each worker from the loader's generator, so seeding the generator per
     epoch makes the workers' augmentations reproducible too.
+
+    Workers ignore SIGTERM: a scheduler that pre-empts a job signals every process of it, and a
+    worker killed that way would crash the main process before it writes its SIGTERM checkpoint.
+    Workers still end when the main process closes the loader or dies.
     """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed = torch.initial_seed() % (2**32)
     random.seed(seed)
     np.random.seed(seed)

@@ -1,0 +1,122 @@
+"""Mixed precision (SOLVER.AMP) and non-finite losses.
+
+* bf16 autocast trains on CPU: finite losses, low-precision logits, weights move;
+* fp16 on CPU is refused with a message naming the fix; on CUDA its grad-scaler state is
+  checkpointed and restored (CUDA only);
+* a non-finite loss skips the step (logged, counted in summary.json) and the run continues;
+  SOLVER.MAX_NONFINITE consecutive ones stop the run with NonFiniteLossError, and the last
+  checkpoint on disk is untouched and still loads.
+"""
+import hashlib
+import os
+
+import pytest
+import torch
+
+import train_net
+from data.build import build_data
+from engine.trainer import NonFiniteLossError, Trainer
+from modeling.model import build_model
+from utils import checkpoint as ckpt
+from utils.logger import setup_logger
+from utils.seed import seed_everything
+
+
+def _out(opts):
+    return opts[opts.index("OUTPUT_DIR") + 1]
+
+
+def _trainer(cfg, device="cpu"):
+    setup_logger(cfg.OUTPUT_DIR)
+    seed_everything(cfg.SOLVER.SEED)
+    data = build_data(cfg)
+    model = build_model(cfg, data.num_classes, data.num_cams)
+    return Trainer(cfg, model, data, torch.device(device))
+
+
+def test_bf16_trains_on_cpu(tiny_cfg, monkeypatch):
+    trainer = _trainer(tiny_cfg("SOLVER.AMP", "bf16", "SOLVER.MAX_EPOCHS", "1"))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    seen = []
+    original = Trainer.after_step
+
+    def record(self, result, epoch, iteration, num_iters):
+        seen.append((result["finite"], result["loss"],
+                     result["outputs"]["heads"]["ori"][2].dtype))
+        original(self, result, epoch, iteration, num_iters)
+
+    monkeypatch.setattr(Trainer, "after_step", record)
+    summary = trainer.train()
+    assert seen and all(finite for finite, _, _ in seen)
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss, _ in seen)
+    assert {dtype for _, _, dtype in seen} == {torch.bfloat16}  # autocast really ran
+    after = trainer.model.state_dict()
+    changed = [k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])]
+    assert len(changed) > len(before) // 2
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert summary["nonfinite_steps"] == 0
+    assert 0.0 <= summary["last"]["results"]["test"]["mAP"] <= 1.0
+
+
+def test_fp16_on_cpu_is_refused(tiny_cfg):
+    trainer = _trainer(tiny_cfg("SOLVER.AMP", "fp16"))
+    with pytest.raises(ValueError, match="fp16 needs CUDA; use bf16"):
+        trainer.train()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 needs CUDA")
+def test_fp16_grad_scaler_state_is_checkpointed(tiny_opts):
+    opts = [o if o != "cpu" else "cuda" for o in tiny_opts] + ["SOLVER.AMP", "fp16",
+                                                              "SOLVER.MAX_EPOCHS", "1"]
+    train_net.main(opts)
+    state = torch.load(os.path.join(_out(opts), "checkpoint_epoch1.pth"), weights_only=False)
+    assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
+    train_net.main(["--resume"] + opts[:-2] + ["SOLVER.MAX_EPOCHS", "2"])
+    resumed = torch.load(os.path.join(_out(opts), "checkpoint_epoch2.pth"), weights_only=False)
+    assert resumed["scaler"]["scale"] > 0
+
+
+def _nan_loss_at(steps):
+    """A compute_loss that returns NaN (keeping the graph) at the given global steps."""
+    original = Trainer.compute_loss
+
+    def compute_loss(self, outputs, pids):
+        loss, parts, acc = original(self, outputs, pids)
+        if steps(self.global_step):
+            loss = loss * float("nan")
+        return loss, parts, acc
+
+    return compute_loss
+
+
+def test_nonfinite_steps_are_skipped_and_logged(tiny_opts, monkeypatch):
+    monkeypatch.setattr(Trainer, "compute_loss", _nan_loss_at(lambda step: step in (1, 2)))
+    summary = train_net.main(list(tiny_opts))
+    log = open(os.path.join(_out(tiny_opts), "log.txt")).read()
+    assert log.count("non-finite loss (nan)") == 2
+    assert "epoch 1 iteration 2: step skipped (1 in a row)" in log
+    assert "epoch 1 iteration 3: step skipped (2 in a row)" in log
+    assert summary["nonfinite_steps"] == 2
+    assert summary["last"]["epoch"] == 2  # the run went on to the end
+
+
+def test_too_many_nonfinite_losses_stop_with_last_checkpoint_intact(tiny_opts, monkeypatch):
+    out = _out(tiny_opts)
+    first = os.path.join(out, "checkpoint_epoch1.pth")
+    snapshot = {}
+    original = _nan_loss_at(lambda step: step >= 3)  # epoch 1 has 3 steps: NaN from epoch 2 on
+
+    def compute_loss(self, outputs, pids):
+        if self.global_step >= 3 and not snapshot:
+            snapshot["sha"] = hashlib.sha256(open(first, "rb").read()).hexdigest()
+        return original(self, outputs, pids)
+
+    monkeypatch.setattr(Trainer, "compute_loss", compute_loss)
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses") as info:
+        train_net.main(list(tiny_opts) + ["SOLVER.MAX_NONFINITE", "3"])
+    assert "SOLVER.MAX_NONFINITE" in str(info.value) and "--resume" in str(info.value)
+    assert snapshot and hashlib.sha256(open(first, "rb").read()).hexdigest() == snapshot["sha"]
+    assert not os.path.exists(os.path.join(out, "checkpoint_epoch2.pth"))
+    path, state = ckpt.find_resume_checkpoint(out)
+    assert path == first and (state["epoch"], state["iteration"]) == (1, 0)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
