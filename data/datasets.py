@@ -173,6 +173,18 @@ class ReIDDataset:
                 f"num_train_pids={self.num_train_pids}, num_cams={self.num_cams})")
 
 
+def _check_split_folders(dataset: str, root: str, folder: str, splits, layout: str) -> str:
+    """``root/folder`` and its split sub-folders must exist; returns ``root/folder``."""
+    dataset_dir = os.path.join(root, folder)
+    if not os.path.isdir(dataset_dir):
+        raise _layout_error(dataset, root, layout, [dataset_dir])
+    missing = [os.path.join(dataset_dir, f) for _, f in splits
+               if not os.path.isdir(os.path.join(dataset_dir, f))]
+    if missing:
+        raise _layout_error(dataset, root, layout, missing)
+    return dataset_dir
+
+
 def _check_nonempty(dataset: str, split: str, samples: List[Sample], folder: str) -> None:
     if not samples:
         raise ValueError(f"{dataset}: the {split} split is empty: no images found in {folder!r}")
@@ -334,14 +346,8 @@ class RGBNT100(ReIDDataset):
 
     def __init__(self, root: str) -> None:
         self.root = root
-        dataset_dir = os.path.join(root, self.folder)
-        layout = self.expected_layout()
-        if not os.path.isdir(dataset_dir):
-            raise _layout_error(self.name, root, layout, [dataset_dir])
-        missing = [os.path.join(dataset_dir, f) for _, f in self.splits
-                   if not os.path.isdir(os.path.join(dataset_dir, f))]
-        if missing:
-            raise _layout_error(self.name, root, layout, missing)
+        dataset_dir = _check_split_folders(self.name, root, self.folder, self.splits,
+                                           self.expected_layout())
         loaded = {}
         for split, sub in self.splits:
             folder = os.path.join(dataset_dir, sub)
@@ -396,15 +402,9 @@ class MSVR310(ReIDDataset):
 
     def __init__(self, root: str) -> None:
         self.root = root
-        dataset_dir = os.path.join(root, self.folder)
         layout = self.expected_layout()
-        if not os.path.isdir(dataset_dir):
-            raise _layout_error(self.name, root, layout, [dataset_dir])
-        missing = [os.path.join(dataset_dir, f) for _, f in self.splits
-                   if not os.path.isdir(os.path.join(dataset_dir, f))]
-        if missing:
-            raise _layout_error(self.name, root, layout, missing)
-        loaded = {}
+        dataset_dir = _check_split_folders(self.name, root, self.folder, self.splits, layout)
+        loaded, missing = {}, []
         for split, sub in self.splits:
             samples, split_missing = self._load_split(os.path.join(dataset_dir, sub))
             loaded[split] = samples
