@@ -23,6 +23,14 @@ combination (and its learned weights), the head mean, the gate (per-head scale a
 softmax attention (query and key projections) to every SDTPS parameter. Positions that a
 downstream module ignores (DGAF's key padding mask, :func:`masked_mean`) receive no gradient, so
 the signal comes from the kept tokens: "would scaling this kept token up lower the loss?".
+
+The scorer reads detached patches and globals: the selection's gradient trains the scorer's own
+parameters but does not flow on into the backbone through the scores (the backbone still gets
+the ordinary gradient of the kept tokens' values). Measured reason: the min-max normalisation
+divides by ``max - min`` of nearly flat early scores, amplifying that gradient by up to
+``1 / (max - min)`` (~1e4 at initialisation); passed into the backbone it wrecked training on the
+synthetic dataset (10 epochs: test mAP 3.4 % with SDTPS against 16.3 % without). Adam normalises
+the scorer's own step sizes, so the scorer itself trains normally.
 """
 from __future__ import annotations
 
@@ -372,7 +380,8 @@ class MultiModalSDTPS(nn.Module):
 
     def forward(self, patches: torch.Tensor, globals: torch.Tensor) -> SDTPSOutput:
         """patches (B, 3, N, C), globals (B, 3, C) -> SDTPSOutput (tokens, keep_mask, scores, diagnostics)."""
-        pairs = self.pair_scores(patches, globals)
+        # The scorer reads DETACHED features (see "Gradient path" in the module docstring).
+        pairs = self.pair_scores(patches.detach(), globals.detach())
         return self.select(patches, pairs.score, pairs.gate)
 
     def extra_repr(self) -> str:

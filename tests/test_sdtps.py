@@ -157,7 +157,20 @@ def test_every_parameter_gets_gradient(kwargs, head):
     if head == "dgaf":
         _assert_all_grads(dgaf, per_pair=False)
         assert (dgaf.queries.grad.norm(dim=1) > 0).all()
-    assert patches.grad.abs().sum() > 0 and globals_.grad.abs().sum() > 0
+    # The kept tokens' values carry gradient to the patches; the scorer reads detached features,
+    # so the globals (used only to score) get none.
+    assert patches.grad.abs().sum() > 0 and globals_.grad is None
+
+
+def test_scores_do_not_send_gradient_into_the_backbone_features():
+    torch.manual_seed(5)
+    mod = MultiModalSDTPS(C, H)
+    patches, globals_ = inputs(n=16, seed=5)
+    patches.requires_grad_(True)
+    out = mod(patches, globals_)
+    out.scores.sum().backward()  # a loss on the scores alone
+    assert patches.grad is None or patches.grad.abs().sum() == 0
+    assert mod.q_weight.grad.abs().sum() > 0 and mod.gate_scale.grad.abs().sum() > 0
 
 
 def test_straight_through_gradient_value():
