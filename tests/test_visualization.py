@@ -20,9 +20,9 @@ from data.datasets import read_triplet
 from modeling.model import build_model
 from modeling.sdtps import num_kept
 from tools import plot_results, visualize_ranks, visualize_tokens
-from utils.metrics import evaluate_rank
+from utils.metrics import evaluate_rank, junk_mask
 from utils.visualization import (BLACK, CORRECT, KEPT, PERSON, QUERY, WRONG, GridLayout,
-                                 categorical_color, colormap, get_font, junk_mask, mask_edges,
+                                 categorical_color, colormap, get_font, mask_edges,
                                  text_size, wrap_text)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

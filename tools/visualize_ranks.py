@@ -39,10 +39,10 @@ from engine.evaluator import extract, split_query_gallery  # noqa: E402
 from modeling.model import build_model  # noqa: E402
 from test_net import load_weights  # noqa: E402
 from utils.logger import setup_logger  # noqa: E402
-from utils.metrics import compute_distance  # noqa: E402
+from utils.metrics import compute_distance, junk_mask  # noqa: E402
 from utils.seed import seed_everything  # noqa: E402
 from utils.visualization import (CORRECT, LIGHT_GRAY, MID_GRAY, QUERY, WRONG, GridLayout,  # noqa: E402
-                                 add_border, draw_text, get_font, junk_mask, line_height,
+                                 add_border, draw_text, get_font, line_height,
                                  stack_vertical, wrap_text)
 
 CSV_FIELDS = ("row", "query_index", "query_path", "query_pid", "query_camid", "query_ap", "rank",

@@ -364,6 +364,18 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     return cmc, float(ap.mean()), float(inp.mean())
 
 
+def junk_mask(q_pids, q_keys, g_pids, g_keys) -> np.ndarray:
+    """True where a gallery item is junk for a query: same identity AND same camera (or scene).
+
+    The rule of :func:`evaluate_rank`: pass camera ids as keys, or scene ids for the
+    MSVR310 protocol. Arguments broadcast like numpy arrays, e.g. queries (Q, 1) against a
+    gallery (G,) or against their own ranked lists (Q, G).
+    """
+    q_pids, q_keys = np.asarray(q_pids), np.asarray(q_keys)
+    g_pids, g_keys = np.asarray(g_pids), np.asarray(g_keys)
+    return (g_pids == q_pids) & (g_keys == q_keys)
+
+
 def random_ranking_map(q_pids, g_pids, q_camids, g_camids, q_scenes=None, g_scenes=None) -> float:
     """Expected mAP of a uniformly random ranking under the same protocol as :func:`evaluate_rank`
     (the "chance level" of a split).
@@ -377,7 +389,7 @@ def random_ranking_map(q_pids, g_pids, q_camids, g_camids, q_scenes=None, g_scen
     q_key = np.asarray(q_scenes if q_scenes is not None else q_camids)
     g_key = np.asarray(g_scenes if g_scenes is not None else g_camids)
     same_pid = q_pids[:, None] == g_pids[None, :]
-    junk = same_pid & (q_key[:, None] == g_key[None, :])
+    junk = junk_mask(q_pids[:, None], q_key[:, None], g_pids, g_key)
     positives = (same_pid & ~junk).sum(1).astype(np.float64)
     valid = (~junk).sum(1).astype(np.float64)
     keep = positives > 0

@@ -13,8 +13,8 @@ patches) and ``tools/plot_results.py`` (ablation bar charts):
   :func:`mask_edges`.
 * colours: named colours, :func:`categorical_color` (a 10-colour palette) and :func:`colormap`
   (piecewise-linear sequential maps ``"heat"``, ``"cividis"`` and ``"gray"``).
-* retrieval: :func:`junk_mask`, the junk rule of ``utils.metrics.evaluate_rank`` (same identity and
-  same camera, or same scene for MSVR310), which that module keeps inline.
+
+The retrieval protocol's junk rule lives in ``utils.metrics.junk_mask``.
 """
 from __future__ import annotations
 
@@ -324,13 +324,3 @@ def mask_edges(mask: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Retrieval
 # ---------------------------------------------------------------------------------------------
-def junk_mask(q_pids, q_keys, g_pids, g_keys) -> np.ndarray:
-    """True where a gallery item is junk for a query: same identity AND same camera (or scene).
-
-    The rule of ``utils.metrics.evaluate_rank``: pass camera ids as keys, or scene ids for the
-    MSVR310 protocol. Arguments broadcast like numpy arrays, e.g. queries (Q, 1) against a
-    gallery (G,) or against their own ranked lists (Q, G).
-    """
-    q_pids, q_keys = np.asarray(q_pids), np.asarray(q_keys)
-    g_pids, g_keys = np.asarray(g_pids), np.asarray(g_keys)
-    return (g_pids == q_pids) & (g_keys == q_keys)
