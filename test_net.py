@@ -9,12 +9,14 @@ import sys
 
 from config import default_argument_parser
 from data.build import build_data
-from engine.defaults import default_setup
+from engine.defaults import default_setup, select_device
 from engine.evaluator import (MISS_TO_MODALITIES, build_reranker, export_features, extract_with_cfg,
                               format_metrics, rank_metrics)
 from modeling.model import build_model
 from utils.checkpoint import extract_model_state, load_checkpoint_file, load_model_weights
 from utils.dist import cleanup, get_rank, get_world_size, is_main_process
+from utils.logger import setup_logger
+from utils.seed import seed_everything
 
 MISS_LABELS = {"none": "all modalities", "r": "M(RGB)", "n": "M(NIR)", "t": "M(TIR)",
                "rn": "M(RGB+NIR)", "rt": "M(RGB+TIR)", "nt": "M(NIR+TIR)"}
@@ -27,6 +29,21 @@ def load_weights(cfg, model, logger) -> None:
     state = extract_model_state(load_checkpoint_file(cfg.TEST.WEIGHT))
     load_model_weights(model, state, cfg.MODEL.LOAD_STRICT, cfg.TEST.WEIGHT)
     logger.info("loaded weights from %s", cfg.TEST.WEIGHT)
+
+
+def load_trained(cfg):
+    """(device, data, model in eval mode with TEST.WEIGHT loaded, logger) for a built config,
+    single process (used by the analysis tools)."""
+    logger = setup_logger()
+    if not cfg.TEST.WEIGHT:
+        raise ValueError("TEST.WEIGHT is empty: name the checkpoint to visualise, e.g. "
+                         "TEST.WEIGHT output/quickstart/model_best.pth")
+    device = select_device(cfg)
+    seed_everything(cfg.SOLVER.SEED)
+    data = build_data(cfg)
+    model = build_model(cfg, data.num_classes, data.num_cams).to(device)
+    load_weights(cfg, model, logger)
+    return device, data, model.eval(), logger
 
 
 def missing_modality_table(rows) -> str:

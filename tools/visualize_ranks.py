@@ -32,15 +32,10 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from config import build_cfg  # noqa: E402
-from data.build import build_data  # noqa: E402
 from data.datasets import BadImageError, read_triplet  # noqa: E402
-from engine.defaults import select_device  # noqa: E402
 from engine.evaluator import extract, split_query_gallery  # noqa: E402
-from modeling.model import build_model  # noqa: E402
-from test_net import load_weights  # noqa: E402
-from utils.logger import setup_logger  # noqa: E402
+from test_net import load_trained  # noqa: E402
 from utils.metrics import compute_distance, junk_mask  # noqa: E402
-from utils.seed import seed_everything  # noqa: E402
 from utils.visualization import (CORRECT, LIGHT_GRAY, MID_GRAY, QUERY, WRONG, GridLayout,  # noqa: E402
                                  add_border, draw_text, get_font, line_height,
                                  stack_vertical, wrap_text)
@@ -173,29 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_trained(config_file: str, opts: List[str]):
-    """(cfg, device, data, model in eval mode with TEST.WEIGHT loaded, logger), built as
-    test_net.py builds them (single process)."""
-    cfg = build_cfg(config_file, opts)
-    logger = setup_logger()
-    if not cfg.TEST.WEIGHT:
-        raise ValueError("TEST.WEIGHT is empty: name the checkpoint to visualise, e.g. "
-                         "TEST.WEIGHT output/quickstart/model_best.pth")
-    device = select_device(cfg)
-    seed_everything(cfg.SOLVER.SEED)
-    data = build_data(cfg)
-    model = build_model(cfg, data.num_classes, data.num_cams).to(device)
-    load_weights(cfg, model, logger)
-    model.eval()
-    return cfg, device, data, model, logger
-
-
 def main(argv=None) -> dict:
     """Write the rank-list PNG and CSV; returns their paths and the ranking (for tests)."""
     args = build_parser().parse_args(argv)
     if args.num_queries < 1 or args.topk < 1:
         raise ValueError("--num_queries and --topk must be at least 1")
-    cfg, device, data, model, logger = load_trained(args.config_file, args.opts)
+    cfg = build_cfg(args.config_file, args.opts)
+    device, data, model, logger = load_trained(cfg)
     if cfg.TEST.MISS == "all":
         raise ValueError("TEST.MISS all is a table of settings; pick one (none, r, n, t, rn, rt, nt)")
     test_set = data.eval_sets["test"]

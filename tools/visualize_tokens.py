@@ -35,15 +35,11 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from config import build_cfg  # noqa: E402
-from data.build import build_data, collate_skipping  # noqa: E402
+from data.build import collate_skipping  # noqa: E402
 from data.datasets import read_triplet  # noqa: E402
-from engine.defaults import select_device  # noqa: E402
 from engine.evaluator import patch_foreground  # noqa: E402
-from modeling.model import build_model  # noqa: E402
 from modeling.sdtps import MODALITIES  # noqa: E402
-from test_net import load_weights  # noqa: E402
-from utils.logger import setup_logger  # noqa: E402
-from utils.seed import seed_everything  # noqa: E402
+from test_net import load_trained  # noqa: E402
 from utils.visualization import (KEPT, MID_GRAY, PERSON, GridLayout, colormap, draw_text,  # noqa: E402
                                  get_font, hatch, line_height, mask_edges, wrap_text)
 
@@ -168,15 +164,7 @@ def main(argv=None) -> dict:
             "visualize_tokens needs a model that selects tokens, but the config has "
             "MODEL.SDTPS.ENABLED False: give the config the checkpoint was trained with, or add "
             "MODEL.SDTPS.ENABLED True")
-    logger = setup_logger()
-    if not cfg.TEST.WEIGHT:
-        raise ValueError("TEST.WEIGHT is empty: name the checkpoint to visualise")
-    device = select_device(cfg)
-    seed_everything(cfg.SOLVER.SEED)
-    data = build_data(cfg)
-    model = build_model(cfg, data.num_classes, data.num_cams).to(device)
-    load_weights(cfg, model, logger)
-    model.eval()
+    device, data, model, logger = load_trained(cfg)
 
     test_set = data.eval_sets["test"]
     dataset = test_set.loader.dataset
