@@ -7,7 +7,7 @@ Run from the repository root:
 
 Each variant runs forward + backward of the whole selection (9 pair scores, min-max
 normalisation, guide combination, top-K, straight-through weights) followed by a cheap
-``masked_mean`` loss, with the patches requiring grad as they would coming out of a backbone.
+``weighted_mean`` loss, with the patches requiring grad as they would coming out of a backbone.
 The variants share the same weights:
 
 * ``batched``: ``MultiModalSDTPS.forward`` (stacked parameters, keys folded into the queries).
@@ -42,7 +42,7 @@ from modeling.sdtps import (  # noqa: E402
     MultiModalSDTPS,
     _gate_logits,
     _gated_scores,
-    masked_mean,
+    weighted_mean,
 )
 
 
@@ -102,7 +102,7 @@ def bench_pair_scoring(
     globals_ = torch.randn(batch, 3, dim, device=dev, requires_grad=True)
 
     def finish(out) -> None:
-        masked_mean(out.tokens, out.keep_mask).square().mean().backward()
+        weighted_mean(patches, out.weights).square().mean().backward()
 
     def batched() -> None:
         finish(mod(patches, globals_))

@@ -54,12 +54,14 @@ def extract(model, eval_set, device, feat: str, neck_feat: str, miss: str = "non
 
     Returns dict: feats (M, D) float32 CPU, pids/camids/sceneids/index (M,) int64 numpy,
     num_skipped, and when the model selects tokens and masks exist: fg_kept / kept / fg_all / all
-    patch counts (foreground = at least half of the patch's pixels on the person).
+    / fg_best patch counts (foreground = at least half of the patch's pixels on the person;
+    fg_best = sum over rows of min(foreground patches, kept patches): the foreground kept by a
+    perfect selection of the same size).
     """
     was_training = model.training
     model.eval()
     feats, meta = [], {k: [] for k in ("pids", "camids", "sceneids", "index")}
-    counts = torch.zeros(4, dtype=torch.float64)
+    counts = torch.zeros(5, dtype=torch.float64)
     skipped = 0
     backbone = model.backbone
     for batch in eval_set.loader:
@@ -81,7 +83,8 @@ def extract(model, eval_set, device, feat: str, neck_feat: str, miss: str = "non
             fg = patch_foreground(batch["masks"], backbone.patch_size, backbone.stride) >= 0.5
             keep = outputs["keep_mask"].cpu()  # (B, 3, N)
             fg3 = fg.unsqueeze(1).expand_as(keep)
-            counts += torch.tensor([(keep & fg3).sum(), keep.sum(), fg3.sum(), fg3.numel()],
+            best = torch.minimum(fg3.sum(-1), keep.sum(-1)).sum()
+            counts += torch.tensor([(keep & fg3).sum(), keep.sum(), fg3.sum(), fg3.numel(), best],
                                    dtype=torch.float64)
     model.train(was_training)
     dim = feats[0].shape[1] if feats else 0
@@ -94,10 +97,10 @@ def extract(model, eval_set, device, feat: str, neck_feat: str, miss: str = "non
     totals = torch.cat(all_gather_tensor(stats.unsqueeze(0).to(device))).sum(0).cpu()
     out = {"feats": result["feats"].float()}
     out.update({k: result[k].numpy().astype(np.int64) for k in meta})
-    out["num_skipped"] = int(totals[4])
+    out["num_skipped"] = int(totals[5])
     if totals[1] > 0:
         out.update(fg_kept=float(totals[0]), kept=float(totals[1]), fg_all=float(totals[2]),
-                   all=float(totals[3]))
+                   all=float(totals[3]), fg_best=float(totals[4]))
     return out
 
 
@@ -134,6 +137,7 @@ def rank_metrics(extracted: Dict, eval_set, dist_metric: str, rerank=None) -> Di
     if "kept" in extracted:
         metrics["fg_precision"] = extracted["fg_kept"] / extracted["kept"]
         metrics["fg_share"] = extracted["fg_all"] / extracted["all"]
+        metrics["fg_best"] = extracted["fg_best"] / extracted["kept"]
     return metrics
 
 
@@ -169,7 +173,8 @@ def format_metrics(metrics: Dict) -> str:
             f"{metrics['mAP'] / metrics['chance_mAP']:.1f}x chance)")
     if "fg_precision" in metrics:
         text += (f"  kept-token foreground precision {metrics['fg_precision'] * 100:.1f}% "
-                 f"(all patches {metrics['fg_share'] * 100:.1f}%)")
+                 f"(all patches {metrics['fg_share'] * 100:.1f}%, perfect selection "
+                 f"{metrics['fg_best'] * 100:.1f}%)")
     if metrics.get("num_skipped"):
         text += f"  [{metrics['num_skipped']} unreadable sample(s) skipped]"
     return text

@@ -8,9 +8,9 @@ Data flow for a batch of B triplets (modality order RGB, NI, TI), C = backbone o
                                                          or heads "ori_rgb/ori_ni/ori_ti" on (B, C)
     HDM:    seven decoupled features (B, 7, C)        -> head "hdm" on (B, 7C)  (without ATMoE)
     ATMoE:  mixture of experts over HDM's features    -> head "moe" on (B, 7C)
-    SDTPS:  top-K patches per modality (B, 3, N, C) + keep mask (B, 3, N)
-            DGAF(tokens, mask) or mean over kept      -> head "fused" on (B, 3C)
-    DGAF without SDTPS fuses all patches (keep mask all true).
+    SDTPS:  top-K patches per modality: keep mask and straight-through weights (B, 3, N)
+            DGAF(P, weights) or mean over kept        -> head "fused" on (B, 3C)
+    DGAF without SDTPS fuses all patches (weights all 1).
 
 Every head is a BNNeck trained with ID + triplet losses; the loss weight of "fused" is
 MODEL.SDTPS.LOSS_WEIGHT, the others 1. ``TEST.FEAT`` chooses the retrieval feature (see
@@ -28,7 +28,7 @@ from modeling.dgaf import DGAF
 from modeling.hdm import HDM
 from modeling.heads import BNNeckHead
 from modeling.pife import PIFE
-from modeling.sdtps import MultiModalSDTPS, masked_mean
+from modeling.sdtps import MultiModalSDTPS, weighted_mean
 
 MODALITIES = ("rgb", "ni", "ti")
 
@@ -108,13 +108,15 @@ class MultiModalReID(nn.Module):
             selection = self.sdtps(patches, globals_)
             out["sdtps"] = selection
             out["keep_mask"] = selection.keep_mask
-            tokens, keep = selection.tokens, selection.keep_mask
+            # The pooling reads every patch; the weights (forward exactly the keep mask) decide which
+            # count, and carry the selection's gradient to the scorer (modeling/sdtps.py).
+            weights = selection.weights
         else:
-            tokens, keep = patches, torch.ones(patches.shape[:3], dtype=torch.bool, device=patches.device)
+            weights = torch.ones(patches.shape[:3], dtype=torch.bool, device=patches.device)
         if self.dgaf is not None:
-            feats["fused"] = self.dgaf(tokens, keep)
+            feats["fused"] = self.dgaf(patches, weights)
         elif self.sdtps is not None:
-            feats["fused"] = masked_mean(tokens, keep).flatten(1)
+            feats["fused"] = weighted_mean(patches, weights).flatten(1)
         out["heads"] = {name: self.heads[name](feat) for name, feat in feats.items()}
         return out
 

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling.dgaf import DGAF  # noqa: E402
+from modeling.dgaf import DGAF, WeightedAttentionPool  # noqa: E402
 from modeling.sdtps import MultiModalSDTPS  # noqa: E402
 
 C = 64
@@ -117,3 +117,38 @@ def test_every_parameter_gets_gradient():
     assert (mod.queries.grad.norm(dim=1) > 0).all()
     assert (tokens.grad[~mask] == 0).all()  # dropped tokens receive no gradient
     assert tokens.grad[mask].abs().sum() > 0
+
+
+def test_pool_equals_multihead_attention_with_key_padding_mask():
+    """0/1 weights == nn.MultiheadAttention with the same projections and key_padding_mask (whose
+    key bias, random here, changes nothing: the softmax cancels it)."""
+    torch.manual_seed(5)
+    pool = WeightedAttentionPool(C, 8)
+    with torch.no_grad():
+        pool.q_proj.bias.normal_()
+        pool.v_proj.bias.normal_()
+    mha = torch.nn.MultiheadAttention(C, 8, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([pool.q_proj.weight, pool.k_proj.weight, pool.v_proj.weight]))
+        mha.in_proj_bias.copy_(torch.cat([pool.q_proj.bias, torch.randn(C), pool.v_proj.bias]))
+        mha.out_proj.weight.copy_(pool.out_proj.weight)
+        mha.out_proj.bias.copy_(pool.out_proj.bias)
+    query, tokens = torch.randn(6, C), torch.randn(6, 20, C)
+    keep = torch.rand(6, 20) > 0.5
+    keep[:, 3] = True
+    ours = pool(query, tokens, keep.float())
+    ref = mha(query.unsqueeze(1), tokens, tokens, key_padding_mask=~keep)[0][:, 0]
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_selection_weights_get_gradient_at_dropped_positions():
+    """Straight-through weights (forward 0/1): DGAF's output is that of the keep mask, and the
+    weights of dropped tokens get a gradient (the scorer learns which patch it should keep)."""
+    torch.manual_seed(6)
+    tokens, mask = selected(seed=6)
+    weights = mask.float().requires_grad_(True)
+    mod = DGAF(C)
+    out = mod(tokens_all := torch.randn_like(tokens), weights)
+    assert torch.equal(out, mod(tokens_all, mask))
+    out.pow(2).mean().backward()
+    assert (weights.grad[~mask].abs() > 0).all() and (weights.grad[mask].abs() > 0).all()

@@ -81,3 +81,53 @@ def test_rerank_option_reaches_evaluation(trained, monkeypatch):
                                           "TEST.RERANK.K1", "5", "TEST.RERANK.K2", "2"])
     assert calls == [{"k1": 5, "k2": 2, "lambda_value": 0.3}]
     assert 0.0 < results["none"]["mAP"] <= 1.0
+
+
+class _FixedSelection(torch.nn.Module):
+    """Stub model: keeps the first ``k`` patches of every modality; a constant feature."""
+
+    def __init__(self, patch_size, k):
+        super().__init__()
+        self.backbone = torch.nn.Module()
+        self.backbone.patch_size, self.backbone.stride = patch_size, patch_size
+        self.k = k
+
+    def forward(self, images, cams):
+        b, _, _, h, w = images.shape
+        n = (h // self.backbone.patch_size[0]) * (w // self.backbone.patch_size[1])
+        keep = torch.zeros(b, 3, n, dtype=torch.bool)
+        keep[..., : self.k] = True
+        feat = images.flatten(1)[:, :8]
+        return {"heads": {"ori": (feat, feat, None)}, "keep_mask": keep}
+
+
+def test_kept_token_foreground_precision_against_masks_on_disk(tiny_opts):
+    """fg_precision / fg_share / fg_best of a stub that keeps the first k patches, recomputed
+    from the mask PNGs (a patch is foreground when at least half its pixels are person)."""
+    from PIL import Image
+
+    from config import build_cfg
+    from data.build import build_data
+    from engine.evaluator import extract, rank_metrics
+
+    cfg = build_cfg(opts=list(tiny_opts))
+    data = build_data(cfg)
+    eval_set = data.eval_sets["test"]
+    k, patch = 3, (16, 16)
+    extracted = extract(_FixedSelection(patch, k), eval_set, torch.device("cpu"), "ori", "after")
+    metrics = rank_metrics(extracted, eval_set, "euclidean")
+
+    kept_fg = best = fg = total = 0
+    for sample in eval_set.samples:
+        with Image.open(sample.mask_path) as img:
+            mask = torch.from_numpy((np.asarray(img.convert("L")) > 127).astype(np.float32))
+        is_fg = patch_foreground(mask[None], patch, patch)[0] >= 0.5  # (N,)
+        kept_fg += 3 * int(is_fg[:k].sum())
+        best += 3 * min(int(is_fg.sum()), k)
+        fg += 3 * int(is_fg.sum())
+        total += 3 * is_fg.numel()
+    kept = 3 * k * len(eval_set.samples)
+    assert 0 < kept_fg < best  # the stub is neither useless nor perfect on this data
+    assert metrics["fg_precision"] == pytest.approx(kept_fg / kept)
+    assert metrics["fg_best"] == pytest.approx(best / kept)
+    assert metrics["fg_share"] == pytest.approx(fg / total)

@@ -1,4 +1,4 @@
-"""Tests of modeling/sdtps.py (CrossModalAttention, MultiModalSDTPS, masked_mean)."""
+"""Tests of modeling/sdtps.py (CrossModalAttention, MultiModalSDTPS, weighted_mean)."""
 import math
 import sys
 from pathlib import Path
@@ -15,7 +15,7 @@ from modeling.sdtps import (  # noqa: E402
     CrossModalAttention,
     MultiModalSDTPS,
     diagnostics_summary,
-    masked_mean,
+    weighted_mean,
     num_kept,
 )
 
@@ -137,7 +137,7 @@ def _assert_all_grads(module, per_pair):
 
 
 @pytest.mark.parametrize("kwargs", CONFIGS, ids=lambda kw: "-".join(kw) or "default")
-@pytest.mark.parametrize("head", ["dgaf", "masked_mean"])
+@pytest.mark.parametrize("head", ["dgaf", "weighted_mean"])
 def test_every_parameter_gets_gradient(kwargs, head):
     torch.manual_seed(2)
     sdtps = MultiModalSDTPS(C, H, **kwargs)
@@ -147,9 +147,9 @@ def test_every_parameter_gets_gradient(kwargs, head):
     globals_.requires_grad_(True)
     out = sdtps(patches, globals_)
     if head == "dgaf":
-        feat = dgaf(out.tokens, out.keep_mask)
+        feat = dgaf(patches, out.weights)
     else:
-        feat = masked_mean(out.tokens, out.keep_mask).flatten(1)
+        feat = weighted_mean(patches, out.weights).flatten(1)
     target = torch.randn(feat.shape, generator=torch.Generator().manual_seed(3))
     loss = (feat - target).pow(2).mean()
     loss.backward()
@@ -174,16 +174,20 @@ def test_scores_do_not_send_gradient_into_the_backbone_features():
 
 
 def test_straight_through_gradient_value():
-    """d loss / d score_n = <d loss / d token_n, patch_n> (the documented gradient path)."""
+    """Mean pooling with the selection weights: d loss / d score_n = <d loss / d f, p_n - f> / K
+    at every position, dropped ones included (the documented gradient path)."""
     torch.manual_seed(4)
     mod = MultiModalSDTPS(C, H)
     patches, globals_ = inputs(n=16, seed=4)
     out = mod(patches, globals_)
     out.scores.retain_grad()
-    upstream = torch.randn_like(out.tokens)
-    (out.tokens * upstream).sum().backward()
-    expected = (upstream * patches).sum(dim=-1)
+    pooled = weighted_mean(patches, out.weights)  # (B, 3, C)
+    upstream = torch.randn_like(pooled)
+    (pooled * upstream).sum().backward()
+    k = num_kept(16, mod.sparse_ratio)
+    expected = torch.einsum("bmc,bmnc->bmn", upstream, patches - pooled.detach().unsqueeze(2)) / k
     assert torch.allclose(out.scores.grad, expected, atol=1e-5)
+    assert (out.scores.grad[~out.keep_mask].abs() > 0).all()  # dropped patches get a signal too
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,7 +226,7 @@ def test_gate_norm_degenerate_inputs_are_finite():
         out = mod(patches, torch.randn(2, 3, C))
         assert torch.allclose(out.diagnostics.gates, torch.sigmoid(torch.tensor(0.5)), atol=1e-6)
         dgaf = DGAF(C)
-        dgaf(out.tokens, out.keep_mask).pow(2).mean().backward()
+        dgaf(patches, out.weights).pow(2).mean().backward()
         for name, param in mod.named_parameters():
             assert param.grad is not None and torch.isfinite(param.grad).all(), name
         assert torch.isfinite(patches.grad).all()
@@ -244,7 +248,7 @@ def test_gate_norm_gradients_within_10x(kind):
         mod.load_state_dict(base)
         x = patches.clone().requires_grad_(True)
         out = mod(x, globals_)
-        feat = dgaf(out.tokens, out.keep_mask)
+        feat = dgaf(x, out.weights)
         (feat * torch.randn(feat.shape, generator=torch.Generator().manual_seed(9))).sum().backward()
         dgaf.zero_grad()
         norms[gate_norm] = {n: p.grad.norm().item() for n, p in mod.named_parameters()}
@@ -277,7 +281,8 @@ def test_keep_mask_exact_k_and_exact_tokens(n, ratio):
     assert out.keep_mask.dtype == torch.bool and out.keep_mask.shape == (2, 3, n)
     assert (out.keep_mask.sum(-1) == k).all()
     assert (out.tokens[~out.keep_mask] == 0).all()
-    assert torch.equal(out.tokens[out.keep_mask], patches[out.keep_mask])  # STE forward value 1
+    assert torch.equal(out.tokens[out.keep_mask], patches[out.keep_mask])
+    assert torch.equal(out.weights, out.keep_mask.float())  # straight-through forward value 0/1
     if k < n:  # the kept positions are the top-K of the combined score
         kept = out.scores.masked_fill(~out.keep_mask, float("inf")).min(-1).values
         dropped = out.scores.masked_fill(out.keep_mask, float("-inf")).max(-1).values
@@ -299,7 +304,8 @@ def test_shapes(n):
     assert diag.guide_agreement.shape == (2, 3, 3)
     assert diag.combine_weights.shape == (3, 3)
     assert ((diag.guide_agreement >= 0) & (diag.guide_agreement <= 1)).all()
-    assert masked_mean(out.tokens, out.keep_mask).shape == (2, 3, C)
+    assert out.weights.shape == (2, 3, n)
+    assert weighted_mean(patches, out.weights).shape == (2, 3, C)
     summary = diagnostics_summary(diag)
     assert len(summary) == 9 * 5 and all(isinstance(v, float) for v in summary.values())
     assert "sdtps/gate_mean/RGB<-NI" in summary
@@ -329,14 +335,20 @@ def test_guide_agreement_is_one_when_guides_agree():
     assert torch.allclose(out.diagnostics.guide_agreement, torch.ones(3, 3, 3))
 
 
-def test_masked_mean():
+def test_weighted_mean():
     tokens = torch.arange(2 * 3 * 4 * 2, dtype=torch.float32).view(2, 3, 4, 2)
     mask = torch.zeros(2, 3, 4, dtype=torch.bool)
     mask[..., 1] = True
     mask[0, 0, 3] = True
-    got = masked_mean(tokens, mask)
+    got = weighted_mean(tokens, mask)
     assert torch.allclose(got[0, 0], (tokens[0, 0, 1] + tokens[0, 0, 3]) / 2)
     assert torch.allclose(got[1, 2], tokens[1, 2, 1])
+    assert torch.equal(weighted_mean(tokens, mask.float()), got)
+    weights = torch.zeros(2, 3, 4)
+    weights[0, 0, 0], weights[0, 0, 2] = 1.0, 3.0
+    got = weighted_mean(tokens, weights)
+    assert torch.allclose(got[0, 0], (tokens[0, 0, 0] + 3 * tokens[0, 0, 2]) / 4)
+    assert (got[1] == 0).all()  # all-zero weights give zeros, not NaN
 
 
 def test_autocast_bf16_runs():
