@@ -127,6 +127,15 @@ def test_results_equal_the_per_run_summaries(grid_run):
         logged = read(os.path.join(runs[f"{row}/seed1"], "log.txt"))
         millions = float(logged.split("model: ")[1].split(" M parameters")[0])
         assert float(line["params_M"]) == pytest.approx(millions, abs=0.005)
+        for key in ("fg_precision", "fg_share", "fg_best"):
+            if row == "base":  # no token selection: no foreground precision
+                assert line[f"{key}_mean"] == "n/a"
+            else:
+                values = [s["last"]["results"]["test"][key] for s in summaries]
+                assert float(line[f"{key}_mean"]) == pytest.approx(statistics.mean(values), abs=1e-9)
+    md = read(os.path.join(output, "results.md"))
+    fg_line = f"{float(table['sdtps_gate']['fg_precision_mean']) * 100:.2f} ± "
+    assert "## Kept-token foreground precision" in md and f"| sdtps_gate | 2 | {fg_line}" in md
 
 
 def test_init_scale_and_bias_reach_each_runs_config(grid_run):

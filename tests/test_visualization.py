@@ -19,7 +19,7 @@ import train_net
 from data.datasets import read_triplet
 from modeling.model import build_model
 from modeling.sdtps import num_kept
-from tools import plot_results, visualize_ranks, visualize_tokens
+from tools import plot_results, probe_selection, visualize_ranks, visualize_tokens
 from utils.metrics import evaluate_rank, junk_mask
 from utils.visualization import (BLACK, CORRECT, KEPT, PERSON, QUERY, WRONG, GridLayout,
                                  categorical_color, colormap, get_font, mask_edges,
@@ -404,3 +404,53 @@ def test_plot_single_metric_ablate_style_csv_and_errors(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert Image.open(tmp_path / "cli.png").size[0] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection probe
+# ---------------------------------------------------------------------------------------------
+def test_probe_selection_agrees_with_the_evaluation(trained, tmp_path):
+    """At the model's own ratio the probe's sdtps row is the evaluation's kept-token foreground
+    precision; random is the all-patch share and perfect the best selection of that size."""
+    out = str(tmp_path / "probe.md")
+    result = probe_selection.main(["--ratios", "0.25", "0.7", "--output", out]
+                                  + tool_opts(trained, tmp_path))
+    metrics = test_net.main(tool_opts(trained, tmp_path))["none"]
+    prec = result["precision"]
+    assert result["K"] == [num_kept(8, 0.25), num_kept(8, 0.7)] and result["N"] == 8
+    assert set(prec) == {"sdtps", "sdtps RGB", "sdtps NI", "sdtps TI", "cls_attn", "cos_own",
+                         "cos_other", "norm", "random", "perfect"}
+    assert prec["sdtps"][1] == pytest.approx(metrics["fg_precision"], abs=1e-9)
+    for i in range(2):  # the modalities' rows average to the overall row
+        per_modality = [prec[f"sdtps {m}"][i] for m in ("RGB", "NI", "TI")]
+        assert sum(per_modality) / 3 == pytest.approx(prec["sdtps"][i], abs=1e-9)
+    assert prec["perfect"][1] == pytest.approx(metrics["fg_best"], abs=1e-9)
+    assert prec["random"] == pytest.approx([metrics["fg_share"]] * 2, abs=1e-9)
+    for name, values in prec.items():
+        assert all(0.0 <= v <= p + 1e-12 for v, p in zip(values, prec["perfect"])), name
+    with open(out) as handle:
+        assert "| sdtps |" in handle.read()
+
+
+def test_probe_cls_attention_equals_the_blocks_own_attention(trained):
+    """The hook's recomputed CLS -> patch attention equals the attention matrix the timm block
+    computes in its non-fused path (captured at its attn_drop)."""
+    from config import build_cfg
+
+    opts, weight = trained
+    cfg = build_cfg(opts=list(opts) + ["TEST.WEIGHT", weight])
+    model = build_model(cfg, num_classes=6, num_cams=4).eval()
+    attn = model.backbone.vit.blocks[-1].attn
+    attn.fused_attn = False
+    captured = {}
+    handle = attn.attn_drop.register_forward_hook(lambda m, i, o: captured.update(a=o))
+    hook = probe_selection.LastBlockClsAttention(attn, model.backbone.vit.num_prefix_tokens)
+    try:
+        with torch.no_grad():
+            model.encode(torch.randn(2, 3, 3, 64, 32), torch.tensor([0, 1]))
+    finally:
+        handle.remove()
+        hook.remove()
+    expected = captured["a"][:, :, 0, 1:].mean(dim=1)  # (3B, N)
+    assert hook.value.shape == (6, 8)
+    assert torch.allclose(hook.value, expected, atol=1e-6)

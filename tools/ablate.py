@@ -79,6 +79,9 @@ from config import ConfigError, build_cfg  # noqa: E402
 
 TRAIN_NET = os.path.join(ROOT, "train_net.py")
 METRICS = ("mAP", "R1", "R5", "R10", "mINP")
+# Kept-token foreground precision (synthetic dataset, models with SDTPS): the share of kept
+# patches on the person, of all patches (= a random selection), of a perfect selection.
+FG_METRICS = ("fg_precision", "fg_share", "fg_best")
 STAMP = "ablate_run.json"
 RUN_LOG = "stdout.log"
 GRID_KEYS = {"base", "opts", "rows", "seeds", "description"}
@@ -532,6 +535,10 @@ def aggregate(grid: Grid, runs: List[Run], with_params: bool = True) -> List[dic
         for key in METRICS:
             stats = _mean_std([m[key] for m in bests]) if val_ok else (None, None)
             line[f"best_{key}_mean"], line[f"best_{key}_std"] = stats
+        for key in FG_METRICS:
+            values = [m[key] for m in lasts if key in m]
+            stats = _mean_std(values) if values and len(values) == len(lasts) else (None, None)
+            line[f"{key}_mean"], line[f"{key}_std"] = stats
         line["best_epoch_mean"] = _mean_std(best_epochs)[0] if val_ok else None
         line["best_selected_on"] = "val" if val_ok else NA
         line["params_M"] = params
@@ -544,6 +551,7 @@ def aggregate(grid: Grid, runs: List[Run], with_params: bool = True) -> List[dic
 CSV_COLUMNS = (["row", "seeds", "seed_list", "missing_seeds"]
                + [f"{k}_{s}" for k in METRICS for s in ("mean", "std")]
                + [f"best_{k}_{s}" for k in METRICS for s in ("mean", "std")]
+               + [f"{k}_{s}" for k in FG_METRICS for s in ("mean", "std")]
                + ["best_epoch_mean", "best_selected_on", "params_M", "train_seconds_mean", "resumed"])
 
 
@@ -605,6 +613,19 @@ def write_results(grid: Grid, table: List[dict], output: str, command: str) -> N
         cells = [_pct(line[f"best_{k}_mean"], line[f"best_{k}_std"]) for k in METRICS]
         epoch = NA if line["best_epoch_mean"] is None else f"{line['best_epoch_mean']:.1f}"
         md.append(f"| {line['row']} | {line['seeds']} | {epoch} | " + " | ".join(cells) + " |")
+    if any(line["fg_precision_mean"] is not None for line in table):
+        md += ["", "## Kept-token foreground precision (last epoch, test split)", "",
+               ("Share of the kept patches on the person (at least half of their pixels on the "
+                "person mask), against the share of all patches (what a random selection keeps) "
+                "and what a perfect selection of the same size would keep."), "",
+               "| row | seeds | kept patches on the person | all patches | perfect selection |",
+               "|---|---:|---:|---:|---:|"]
+        for line in table:
+            if line["fg_precision_mean"] is None:
+                continue
+            md.append(f"| {line['row']} | {line['seeds']} | "
+                      f"{_pct(line['fg_precision_mean'], line['fg_precision_std'])} | "
+                      f"{line['fg_share_mean'] * 100:.2f} | {line['fg_best_mean'] * 100:.2f} |")
     notes = ["", "Notes:",
              ("- n/a in the best table: some seed had no validation split (DATASETS.VAL_IDS 0), so "
               "its best was chosen on the test split; that number is optimistic and not reported."),

@@ -1,0 +1,185 @@
+"""Which patch-ranking signals pick the person? Foreground precision of the top-K patches.
+
+    python tools/probe_selection.py --config_file F TEST.WEIGHT W [--ratios 0.3 0.5 0.7] [--output probe.md]
+
+For every test sample and modality the N patches are ranked by each signal below, the top
+K = max(1, ceil(N * ratio)) are taken, and the tool reports the share of them that are on the
+person (at least half of the patch's pixels on the person mask, the evaluation's rule). It needs
+a dataset with person masks (the synthetic one). Signals, computed from the model's own forward:
+
+* ``sdtps``: SDTPS's combined score (what the model keeps at its own ratio; models with
+  ``MODEL.SDTPS.ENABLED``);
+* ``cls_attn``: the backbone's last block, attention of the global (CLS) token to each patch,
+  mean over heads (a reference: what the backbone itself attends to);
+* ``cos_own`` / ``cos_other``: cosine of each patch to its own modality's global token / mean
+  cosine to the other two modalities' globals (the raw input of SDTPS's gate);
+* ``norm``: the patch feature's L2 norm;
+* ``sdtps RGB`` / ``sdtps NI`` / ``sdtps TI``: the ``sdtps`` row per modality (the person mask is
+  shared by the three pixel-aligned images, so ``random`` and ``perfect`` hold for each);
+* ``random``: the expected precision of a uniformly random choice (= the share of all patches
+  on the person, exact, not sampled); ``perfect``: the best any choice of K patches can reach.
+
+At the model's own ratio the ``sdtps`` row equals the kept-token foreground precision logged by
+the evaluation. Used in docs/sdtps.md to show whether the learned scorer beats trivial signals.
+"""
+import argparse
+import os
+import sys
+from typing import Dict, List, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from config import build_cfg  # noqa: E402
+from engine.evaluator import patch_foreground  # noqa: E402
+from modeling.sdtps import MODALITIES, num_kept  # noqa: E402
+from test_net import load_trained  # noqa: E402
+
+SIGNALS = ("sdtps", "cls_attn", "cos_own", "cos_other", "norm")
+
+
+class NoMasksError(ValueError):
+    """The test split has no person masks (only the synthetic dataset has them)."""
+
+
+class LastBlockClsAttention:
+    """Forward hook on a timm ViT block's ``attn``: records the CLS -> patch attention (R, N),
+    head mean, recomputed from the block's own projections (the fused kernel returns no weights)."""
+
+    def __init__(self, attn_module, num_prefix_tokens: int):
+        self.module, self.prefix = attn_module, num_prefix_tokens
+        self.value = None
+        self.handle = attn_module.register_forward_hook(self)
+
+    def __call__(self, module, inputs, output) -> None:
+        x = inputs[0]
+        r, n, c = x.shape
+        h = module.num_heads
+        qkv = module.qkv(x).reshape(r, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+        q, k = module.q_norm(qkv[0]), module.k_norm(qkv[1])
+        attn = (q[:, :, :1] @ k.transpose(-2, -1) * module.scale).softmax(dim=-1)  # (R, H, 1, n)
+        self.value = attn[:, :, 0, self.prefix:].mean(dim=1)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def signals_for_batch(model, hook: LastBlockClsAttention, images, cams) -> Dict[str, torch.Tensor]:
+    """Every signal for one batch: name -> (B, 3, N)."""
+    b = images.shape[0]
+    tokens = model.encode(images, cams)  # (B, 3, 1 + N, C), as inside the model; fills the hook
+    globals_, patches = tokens[:, :, 0], tokens[:, :, 1:]
+    sdtps = model.sdtps(patches, globals_).scores.float() if model.sdtps is not None else None
+    globals_, patches = globals_.float(), patches.float()
+    cos = torch.einsum("bmnc,bgc->bmgn", F.normalize(patches, dim=-1), F.normalize(globals_, dim=-1))
+    own = torch.diagonal(cos, dim1=1, dim2=2).permute(0, 2, 1)  # (B, 3, N): cos[:, m, m]
+    other = (cos.sum(dim=2) - own) / 2.0
+    out = {
+        "cls_attn": hook.value.float().view(3, b, -1).transpose(0, 1),
+        "cos_own": own,
+        "cos_other": other,
+        "norm": patches.norm(dim=-1),
+    }
+    if sdtps is not None:
+        out["sdtps"] = sdtps
+    return out
+
+
+@torch.no_grad()
+def probe(model, eval_set, device, ratios: Sequence[float]) -> Dict:
+    """Foreground precision of every signal's top-K for every ratio.
+
+    Returns {"ratios": [...], "K": [...], "N": n, "precision": {signal: [per ratio]}} with the
+    rows ``random`` and ``perfect`` included.
+    """
+    model.eval()
+    backbone = model.backbone
+    hook = LastBlockClsAttention(backbone.vit.blocks[-1].attn, backbone.vit.num_prefix_tokens)
+    hits: Dict[str, List[float]] = {}
+    best = [0.0] * len(ratios)
+    kept = [0.0] * len(ratios)
+    fg_total = total = 0.0
+    n = None
+    try:
+        for batch in eval_set.loader:
+            if "images" not in batch:
+                continue
+            if "masks" not in batch:
+                raise NoMasksError(
+                    f"the {eval_set.name} split has no person masks; the probe needs the synthetic "
+                    "dataset (DATASETS.NAMES Synthetic)")
+            images, cams = batch["images"].to(device), batch["camids"].to(device)
+            sigs = signals_for_batch(model, hook, images, cams)
+            b, _, n = sigs["norm"].shape
+            fg = (patch_foreground(batch["masks"], backbone.patch_size, backbone.stride) >= 0.5)
+            fg = fg.to(device).unsqueeze(1).expand(b, 3, n)
+            fg_total += float(fg.sum())
+            total += fg.numel()
+            for i, ratio in enumerate(ratios):
+                k = num_kept(n, ratio)
+                kept[i] += b * 3 * k
+                best[i] += float(fg.sum(-1).clamp(max=k).sum())
+                for name, value in sigs.items():
+                    idx = value.topk(k, dim=-1).indices
+                    on_person = fg.gather(-1, idx).sum(dim=(0, 2)).tolist()  # per modality
+                    hits.setdefault(name, [0.0] * len(ratios))[i] += sum(on_person)
+                    if name == "sdtps":
+                        for m, modality in enumerate(MODALITIES):
+                            # x3: the per-modality count is divided by the all-modality kept total
+                            hits.setdefault(f"sdtps {modality}", [0.0] * len(ratios))[i] += 3 * on_person[m]
+    finally:
+        hook.remove()
+    if total == 0:
+        raise ValueError(f"the {eval_set.name} split yielded no readable samples")
+    names = [n for n in SIGNALS if n in hits]
+    if "sdtps" in hits:
+        names[1:1] = [f"sdtps {modality}" for modality in MODALITIES]
+    precision = {name: [h / kk for h, kk in zip(hits[name], kept)] for name in names}
+    precision["random"] = [fg_total / total] * len(ratios)
+    precision["perfect"] = [bb / kk for bb, kk in zip(best, kept)]
+    return {"ratios": list(ratios), "K": [num_kept(n, r) for r in ratios], "N": n,
+            "precision": precision}
+
+
+def format_table(result: Dict) -> str:
+    head = "| signal | " + " | ".join(f"ratio {r:g} (K={k})" for r, k in zip(result["ratios"], result["K"]))
+    lines = [head + " |", "|---|" + "---:|" * len(result["ratios"])]
+    for name, values in result["precision"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{v * 100:.1f} %" for v in values) + " |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config_file", default="", metavar="FILE", help="path to a yaml config")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7],
+                        help="keep ratios to evaluate (each in (0, 1])")
+    parser.add_argument("--output", default="", metavar="FILE.md", help="also write the table here")
+    parser.add_argument("opts", nargs=argparse.REMAINDER,
+                        help="config overrides: KEY VALUE pairs (TEST.WEIGHT is required)")
+    return parser
+
+
+def main(argv=None) -> Dict:
+    args = build_parser().parse_args(argv)
+    for ratio in args.ratios:
+        num_kept(1, ratio)  # validates before anything is loaded
+    cfg = build_cfg(args.config_file, args.opts)
+    device, data, model, logger = load_trained(cfg)
+    result = probe(model, data.eval_sets["test"], device, args.ratios)
+    table = format_table(result)
+    logger.info("foreground precision of the top-K patches by each signal (N = %d patches per "
+                "modality, test split, %s):\n%s", result["N"], cfg.TEST.WEIGHT, table)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(f"Foreground precision of the top-K patches, `{cfg.TEST.WEIGHT}`, "
+                         f"N = {result['N']}\n\n{table}\n")
+        logger.info("wrote %s", args.output)
+    return result
+
+
+if __name__ == "__main__":
+    main()
