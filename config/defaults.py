@@ -18,6 +18,11 @@ _C.MODEL.DEVICE = "auto"
 _C.MODEL.BACKBONE = "vit_base_patch16_clip_quickgelu_224"
 # Override the backbone depth (number of transformer blocks); 0 keeps the timm default.
 _C.MODEL.BACKBONE_DEPTH = 0
+# Register tokens (Darcet et al., "Vision Transformers Need Registers", 2024): extra learnable
+# tokens the backbone may use as scratch space, so that low-information patches are not taken
+# over for global storage. They are dropped from the backbone's output. 0 = none (a pretrained
+# backbone without registers, such as CLIP, cannot use them). See docs/sdtps.md.
+_C.MODEL.REG_TOKENS = 0
 # Local pretrained weights: a timm/torch state dict, or an OpenAI CLIP checkpoint
 # (TorchScript archive or state dict with ``visual.*`` keys). Empty: random init (logged).
 _C.MODEL.PRETRAIN_PATH = ""

@@ -58,18 +58,21 @@ class ViTBackbone(nn.Module):
     """timm ViT returning all tokens.
 
     forward(images (B, 3, H, W), cam_ids (B,) long or None) -> tokens (B, 1 + N, out_dim),
-    token 0 being CLS, N = grid_h * grid_w patches.
+    token 0 being CLS, N = grid_h * grid_w patches (register tokens, if any, are not returned).
     """
 
     def __init__(self, name: str, img_size: Sequence[int], stride: Sequence[int], num_cams: int,
                  depth: int = 0, drop_path: float = 0.0, proj_dim: int = 0,
-                 sie_camera: bool = True, sie_coe: float = 1.0, pretrain_path: str = ""):
+                 sie_camera: bool = True, sie_coe: float = 1.0, pretrain_path: str = "",
+                 reg_tokens: int = 0):
         super().__init__()
         logger = get_logger()
         kwargs = dict(img_size=tuple(img_size), num_classes=proj_dim, drop_path_rate=drop_path,
                       global_pool="")
         if depth > 0:
             kwargs["depth"] = depth
+        if reg_tokens > 0:
+            kwargs["reg_tokens"] = reg_tokens
         try:
             self.vit = timm.create_model(name, pretrained=False, **kwargs)
         except RuntimeError as exc:
@@ -121,6 +124,11 @@ class ViTBackbone(nn.Module):
         """Load a local timm/torch or OpenAI CLIP checkpoint, reporting missing/unexpected keys."""
         logger = get_logger()
         state = read_weight_file(path)
+        if getattr(self.vit, "reg_token", None) is not None and "reg_token" not in state:
+            raise PretrainedWeightsError(
+                f"{path} has no register tokens but MODEL.REG_TOKENS is "
+                f"{self.vit.reg_token.shape[1]}: its position embedding has no slots for them. "
+                "Set MODEL.REG_TOKENS 0 for this file, or use a checkpoint trained with registers")
         try:
             state = checkpoint_filter_fn(state, self.vit)  # CLIP key conversion, pos-embed resampling
         except Exception as exc:  # noqa: BLE001
@@ -149,4 +157,6 @@ class ViTBackbone(nn.Module):
         x = vit.norm_pre(x)
         x = vit.blocks(x)
         x = vit.norm(x)
+        if vit.num_prefix_tokens > 1:  # drop register tokens: CLS, then the N patches
+            x = torch.cat([x[:, :1], x[:, vit.num_prefix_tokens:]], dim=1)
         return vit.head(x)

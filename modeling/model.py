@@ -47,7 +47,7 @@ class MultiModalReID(nn.Module):
         self.backbone = ViTBackbone(
             m.BACKBONE, cfg.INPUT.SIZE_TRAIN, m.STRIDE_SIZE, num_cams, depth=m.BACKBONE_DEPTH,
             drop_path=m.DROP_PATH, proj_dim=m.PROJ_DIM, sie_camera=m.SIE_CAMERA,
-            sie_coe=m.SIE_COE, pretrain_path=m.PRETRAIN_PATH)
+            sie_coe=m.SIE_COE, pretrain_path=m.PRETRAIN_PATH, reg_tokens=m.REG_TOKENS)
         dim = self.backbone.out_dim
         self.direct = m.DIRECT
         heads = {}

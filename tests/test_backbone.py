@@ -112,3 +112,28 @@ def test_incompatible_file_is_a_clear_error(tmp_path):
     torch.save({"something.else": torch.zeros(3)}, path)
     with pytest.raises(PretrainedWeightsError, match="no parameter name matches"):
         _backbone(str(path))
+
+
+def test_register_tokens_are_used_but_not_returned():
+    """MODEL.REG_TOKENS adds learnable tokens that every block attends to; the output keeps the
+    (B, 1 + N, C) layout (CLS, then the patches), and changing a register changes the output."""
+    torch.manual_seed(0)
+    plain = ViTBackbone("vit_tiny_patch16_224", (64, 32), (16, 16), num_cams=0, depth=2)
+    torch.manual_seed(0)
+    reg = ViTBackbone("vit_tiny_patch16_224", (64, 32), (16, 16), num_cams=0, depth=2, reg_tokens=3)
+    assert reg.vit.num_prefix_tokens == 4 and reg.vit.reg_token.shape == (1, 3, 192)
+    images = torch.randn(2, 3, 64, 32)
+    out = reg(images)
+    assert out.shape == plain(images).shape == (2, 1 + 4 * 2, 192)
+    with torch.no_grad():
+        reg.vit.reg_token.add_(torch.randn(1, 3, 192))  # (a constant shift would be LayerNormed away)
+    changed = reg(images)
+    assert not torch.allclose(changed[:, 1:], out[:, 1:], atol=1e-4)
+
+
+def test_register_tokens_with_a_checkpoint_without_them_is_a_clear_error(tmp_path):
+    path = tmp_path / "clip.pt"
+    torch.save(fake_clip_visual_state(), path)
+    with pytest.raises(PretrainedWeightsError, match="MODEL.REG_TOKENS"):
+        ViTBackbone(CLIP_NAME, (64, 32), (16, 16), num_cams=2, depth=LAYERS, proj_dim=OUT,
+                    pretrain_path=str(path), reg_tokens=4)
