@@ -413,7 +413,7 @@ def test_probe_selection_agrees_with_the_evaluation(trained, tmp_path):
     """At the model's own ratio the probe's sdtps row is the evaluation's kept-token foreground
     precision; random is the all-patch share and perfect the best selection of that size."""
     out = str(tmp_path / "probe.md")
-    result = probe_selection.main(["--ratios", "0.25", "0.7", "--output", out]
+    result = probe_selection.main(["--ratios", "0.25,0.7", "--output", out]
                                   + tool_opts(trained, tmp_path))
     metrics = test_net.main(tool_opts(trained, tmp_path))["none"]
     prec = result["precision"]
@@ -454,3 +454,15 @@ def test_probe_cls_attention_equals_the_blocks_own_attention(trained):
     expected = captured["a"][:, :, 0, 1:].mean(dim=1)  # (3B, N)
     assert hook.value.shape == (6, 8)
     assert torch.allclose(hook.value, expected, atol=1e-6)
+
+
+def test_probe_ratios_parse_before_the_config_overrides():
+    """--ratios takes one comma-separated value, so the KEY VALUE overrides after it stay
+    overrides (a space-separated list once swallowed TEST.WEIGHT as a ratio); bad ratios are
+    refused by argparse, naming the value."""
+    args = probe_selection.build_parser().parse_args(
+        ["--ratios", "0.3,0.7", "TEST.WEIGHT", "w.pth"])
+    assert args.ratios == [0.3, 0.7] and args.opts == ["TEST.WEIGHT", "w.pth"]
+    for bad in ("0.3,1.5", "a,b", ","):
+        with pytest.raises(SystemExit):
+            probe_selection.build_parser().parse_args(["--ratios", bad])

@@ -1,6 +1,8 @@
 """Which patch-ranking signals pick the person? Foreground precision of the top-K patches.
 
-    python tools/probe_selection.py --config_file F TEST.WEIGHT W [--ratios 0.3 0.5 0.7] [--output probe.md]
+    python tools/probe_selection.py --config_file F [--ratios 0.3,0.5,0.7] [--output probe.md] TEST.WEIGHT W
+
+(Options go before the trailing KEY VALUE config overrides.)
 
 For every test sample and modality the N patches are ranked by each signal below, the top
 K = max(1, ceil(N * ratio)) are taken, and the tool reports the share of them that are on the
@@ -151,12 +153,32 @@ def format_table(result: Dict) -> str:
     return "\n".join(lines)
 
 
+def ratio_list(text: str) -> List[float]:
+    """'0.3,0.5,0.7' -> [0.3, 0.5, 0.7], each in (0, 1] (argparse type of --ratios).
+
+    Comma-separated rather than space-separated, so that the trailing config overrides
+    (TEST.WEIGHT W ...) cannot be taken for more ratios.
+    """
+    try:
+        ratios = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.3,0.5,0.7, "
+                                         f"got {text!r}") from None
+    if not ratios:
+        raise argparse.ArgumentTypeError("expected at least one ratio")
+    for ratio in ratios:
+        if not 0.0 < ratio <= 1.0:
+            raise argparse.ArgumentTypeError(f"each ratio must be in (0, 1], got {ratio}")
+    return ratios
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config_file", default="", metavar="FILE", help="path to a yaml config")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7],
-                        help="keep ratios to evaluate (each in (0, 1])")
+    parser.add_argument("--ratios", type=ratio_list, default=[0.3, 0.5, 0.7], metavar="R1,R2,...",
+                        help="comma-separated keep ratios to evaluate, each in (0, 1] "
+                             "(default 0.3,0.5,0.7)")
     parser.add_argument("--output", default="", metavar="FILE.md", help="also write the table here")
     parser.add_argument("opts", nargs=argparse.REMAINDER,
                         help="config overrides: KEY VALUE pairs (TEST.WEIGHT is required)")
@@ -165,8 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> Dict:
     args = build_parser().parse_args(argv)
-    for ratio in args.ratios:
-        num_kept(1, ratio)  # validates before anything is loaded
     cfg = build_cfg(args.config_file, args.opts)
     device, data, model, logger = load_trained(cfg)
     result = probe(model, data.eval_sets["test"], device, args.ratios)
