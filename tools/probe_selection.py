@@ -167,8 +167,10 @@ def ratio_list(text: str) -> List[float]:
     if not ratios:
         raise argparse.ArgumentTypeError("expected at least one ratio")
     for ratio in ratios:
-        if not 0.0 < ratio <= 1.0:
-            raise argparse.ArgumentTypeError(f"each ratio must be in (0, 1], got {ratio}")
+        try:
+            num_kept(1, ratio)  # the model's own check of a keep ratio
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
     return ratios
 
 
