@@ -10,8 +10,8 @@ import sys
 from config import default_argument_parser
 from data.build import build_data
 from engine.defaults import default_setup, select_device
-from engine.evaluator import (MISS_TO_MODALITIES, build_reranker, export_features, extract_with_cfg,
-                              format_metrics, rank_metrics)
+from engine.evaluator import (MISS_TO_MODALITIES, export_features, extract_with_cfg,
+                              format_metrics, score_extracted)
 from modeling.model import build_model
 from utils.checkpoint import extract_model_state, load_checkpoint_file, load_model_weights
 from utils.dist import cleanup, get_rank, get_world_size, is_main_process
@@ -69,14 +69,12 @@ def main(argv=None) -> dict:
     test_set = data.eval_sets["test"]
     settings = list(MISS_TO_MODALITIES) if cfg.TEST.MISS == "all" else [cfg.TEST.MISS]
     rows = []
-    reranker = build_reranker(cfg)
     for miss in settings:
         extracted = extract_with_cfg(model, test_set, cfg, device, miss)
-        metrics = rank_metrics(extracted, test_set, cfg.TEST.DIST, reranker)
-        metrics["num_skipped"] = extracted["num_skipped"]
+        metrics = score_extracted(extracted, test_set, cfg)
         rows.append((miss, metrics))
         logger.info("test [%s feature, %s%s]: %s", cfg.TEST.FEAT, MISS_LABELS[miss],
-                    ", re-ranked" if reranker else "", format_metrics(metrics))
+                    ", re-ranked" if cfg.TEST.RERANK.ENABLED else "", format_metrics(metrics))
         if cfg.TEST.EXPORT and miss == settings[0] and is_main_process():
             export_features(cfg.TEST.EXPORT, extracted, test_set)
             logger.info("features exported to %s", cfg.TEST.EXPORT)

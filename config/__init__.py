@@ -17,12 +17,22 @@ CHOICES = {
     "DATASETS.NAMES": ("RGBNT201", "RGBNT100", "MSVR310", "Synthetic"),
     "SOLVER.OPTIMIZER": ("Adam", "AdamW", "SGD"),
     "SOLVER.AMP": ("off", "fp16", "bf16"),
-    "TEST.FEAT": ("ori", "fused", "concat", "moe", "ori+moe"),
+    "SOLVER.PARAM_GROUPS": ("demo", "ndim"),
+    "TEST.AMP": ("off", "fp16", "bf16"),
+    "TEST.FEAT": ("ori", "fused", "concat", "hdm", "moe", "ori+moe"),
+    "TEST.FEAT_NORM": ("once", "per_part"),
+    "MODEL.POS_EMBED_RESIZE": ("bilinear", "bicubic"),
+    "MODEL.SDTPS.GATE_NORM": ("none", "patches", "heads"),
+    "INPUT.TRAIN_INTERPOLATION": ("bicubic", "bilinear"),
     "TEST.NECK_FEAT": ("before", "after"),
     "TEST.DIST": ("cosine", "euclidean"),
     "TEST.MISS": ("none", "r", "n", "t", "rn", "rt", "nt", "all"),
     "MODEL.SDTPS.SCORE_COMBINE": ("mean", "learned"),
 }
+
+
+# Values of earlier versions still accepted: key -> {old value: current value}.
+LEGACY_VALUES = {"MODEL.SDTPS.GATE_NORM": {False: "none", True: "patches"}}
 
 
 class ConfigError(ValueError):
@@ -80,18 +90,38 @@ def validate_cfg(cfg: CfgNode) -> None:
             f"SOLVER.IMS_PER_BATCH ({batch}) must be a positive multiple of "
             f"DATALOADER.NUM_INSTANCE ({instances}) (a batch is P identities x K instances)"
         )
+    for feat in cfg.TEST.REPORT_FEATS:
+        if feat not in CHOICES["TEST.FEAT"]:
+            raise ConfigError(f"TEST.REPORT_FEATS: {feat!r} is not one of {', '.join(CHOICES['TEST.FEAT'])}")
+        _check_feat_available(cfg, "TEST.REPORT_FEATS", feat)
+    _check_feat_available(cfg, "TEST.FEAT", cfg.TEST.FEAT)
+    area = list(cfg.INPUT.RE_AREA)
+    if len(area) != 2 or not 0.0 < area[0] <= area[1] <= 1.0:
+        raise ConfigError(f"INPUT.RE_AREA must be [min, max] with 0 < min <= max <= 1, got {area}")
+    if not 0.0 <= cfg.SOLVER.LR_NOISE < 1.0:
+        raise ConfigError(f"SOLVER.LR_NOISE must be in [0, 1), got {cfg.SOLVER.LR_NOISE}")
+    if cfg.SOLVER.WARMUP_EPOCHS < 0:
+        raise ConfigError(f"SOLVER.WARMUP_EPOCHS must be >= 0, got {cfg.SOLVER.WARMUP_EPOCHS}")
     if not 0.0 < cfg.MODEL.SDTPS.SPARSE_RATIO <= 1.0:
         raise ConfigError(f"MODEL.SDTPS.SPARSE_RATIO must be in (0, 1], got {cfg.MODEL.SDTPS.SPARSE_RATIO}")
     if not 0.0 < cfg.MODEL.DGAF.INIT_ALPHA < 1.0:
         raise ConfigError(f"MODEL.DGAF.INIT_ALPHA must be in (0, 1), got {cfg.MODEL.DGAF.INIT_ALPHA}")
     if cfg.MODEL.ATMOE.ENABLED and not cfg.MODEL.HDM.ENABLED:
         raise ConfigError("MODEL.ATMOE.ENABLED needs MODEL.HDM.ENABLED (ATMoE mixes HDM's features)")
-    if cfg.TEST.FEAT == "fused" and not (cfg.MODEL.SDTPS.ENABLED or cfg.MODEL.DGAF.ENABLED):
-        raise ConfigError("TEST.FEAT fused needs MODEL.SDTPS.ENABLED or MODEL.DGAF.ENABLED")
-    if cfg.TEST.FEAT in ("moe", "ori+moe") and not cfg.MODEL.ATMOE.ENABLED:
-        raise ConfigError(f"TEST.FEAT {cfg.TEST.FEAT} needs MODEL.ATMOE.ENABLED")
     if cfg.DATASETS.VAL_IDS < 0:
         raise ConfigError("DATASETS.VAL_IDS must be >= 0")
+
+
+def _check_feat_available(cfg: CfgNode, key: str, feat: str) -> None:
+    """The retrieval feature ``feat`` (named by config key ``key``) needs a head the model has."""
+    m = cfg.MODEL
+    if feat == "fused" and not (m.SDTPS.ENABLED or m.DGAF.ENABLED):
+        raise ConfigError(f"{key} fused needs MODEL.SDTPS.ENABLED or MODEL.DGAF.ENABLED")
+    if feat in ("moe", "ori+moe") and not m.ATMOE.ENABLED:
+        raise ConfigError(f"{key} {feat} needs MODEL.ATMOE.ENABLED")
+    if feat == "hdm" and not (m.HDM.ENABLED and not m.ATMOE.ENABLED):
+        raise ConfigError(f"{key} hdm needs MODEL.HDM.ENABLED without MODEL.ATMOE.ENABLED "
+                          "(with ATMoE the head is moe)")
 
 
 def merge_opts(cfg: CfgNode, opts: Optional[List[str]]) -> None:
@@ -103,6 +133,10 @@ def merge_opts(cfg: CfgNode, opts: Optional[List[str]]) -> None:
             f"config overrides must be KEY VALUE pairs; got an odd number of items: {' '.join(opts)}"
         )
     for key, value in zip(opts[0::2], opts[1::2]):
+        if key in LEGACY_VALUES:
+            decoded = {"True": True, "False": False}.get(value, value) if isinstance(value, str) else value
+            if isinstance(decoded, bool):
+                value = LEGACY_VALUES[key][decoded]
         try:
             cfg.merge_from_list([key, value])
         except (KeyError, AssertionError) as exc:
@@ -128,6 +162,13 @@ def merge_file(cfg: CfgNode, path: str, _seen=()) -> None:
     if not isinstance(content, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys")
     base = content.pop("_BASE_", None)
+    for key, mapping in LEGACY_VALUES.items():
+        *parents, leaf = key.split(".")
+        node = content
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), bool):
+            node[leaf] = mapping[node[leaf]]
     if base:
         merge_file(cfg, os.path.join(os.path.dirname(path), base), _seen + (os.path.abspath(path),))
     try:

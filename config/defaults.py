@@ -1,5 +1,8 @@
 """Default configuration (yacs). Every key has a one-line comment saying what it does.
 
+The defaults are DeMo's training recipe (its official code for RGBNT201; ``docs/recipe.md``
+lists every option where this project deviates, and why).
+
 Use :func:`get_cfg_defaults` to obtain a fresh, mutable copy; never mutate ``_C`` itself.
 Experiment files in ``configs/`` override these values, and trailing ``KEY VALUE`` pairs on the
 command line override the file.
@@ -31,8 +34,11 @@ _C.MODEL.PRETRAIN_PATH = ""
 _C.MODEL.PROJ_DIM = 512
 # Patch-embedding stride (H, W); smaller than the patch size gives overlapping patches.
 _C.MODEL.STRIDE_SIZE = [16, 16]
-# Stochastic depth rate of the backbone.
-_C.MODEL.DROP_PATH = 0.1
+# Stochastic depth rate of the backbone (DeMo: none in the CLIP tower).
+_C.MODEL.DROP_PATH = 0.0
+# Resampling of pretrained position embeddings to the patch grid: "bilinear" (DeMo: plain
+# bilinear, no antialias) or "bicubic" (timm's default: bicubic with antialias).
+_C.MODEL.POS_EMBED_RESIZE = "bilinear"
 # Add a learnable camera embedding (SIE) to the CLS token.
 _C.MODEL.SIE_CAMERA = True
 # Coefficient of the camera embedding.
@@ -86,8 +92,10 @@ _C.MODEL.SDTPS.NUM_HEADS = 4
 _C.MODEL.SDTPS.GATE_INIT_SCALE = 0.5
 # Initial per-head gate bias. CLI: --init_bias.
 _C.MODEL.SDTPS.GATE_INIT_BIAS = 0.5
-# Normalise gate logits per head before the sigmoid (see docs/sdtps.md).
-_C.MODEL.SDTPS.GATE_NORM = False
+# Gate normalisation before the sigmoid (docs/sdtps.md): "none"; "patches" (standardise the cosines
+# over the N patches of each sample, before the per-head affine); "heads" (the prototype's
+# LayerNorm of the gate logits across the H heads, after the affine). False/True mean none/patches.
+_C.MODEL.SDTPS.GATE_NORM = "none"
 # Renormalise gated attention to sum to 1 over patches.
 _C.MODEL.SDTPS.RENORM_ATTN = False
 # How the three guides' scores combine: "mean" or "learned" (softmax weights).
@@ -118,14 +126,19 @@ _C.INPUT.SIZE_TEST = [256, 128]
 _C.INPUT.FLIP_PROB = 0.5
 # Zero padding (pixels) before the random crop; 0 disables pad+crop.
 _C.INPUT.PADDING = 10
-# Probability of random erasing.
+# Probability of random erasing (timm's RandomErasing: one box, per-pixel N(0, 1) values).
 _C.INPUT.RE_PROB = 0.5
-# Normalisation mean (CLIP's by default).
-_C.INPUT.PIXEL_MEAN = [0.48145466, 0.4578275, 0.40821073]
-# Normalisation std (CLIP's by default).
-_C.INPUT.PIXEL_STD = [0.26862954, 0.26130258, 0.27577711]
-# Apply the same random flip/crop to the three modalities of a sample (keeps them aligned).
-_C.INPUT.SYNC_MODALITY_AUG = True
+# Range of the erased area as a share of the image (DeMo: [0.02, 1/3]).
+_C.INPUT.RE_AREA = [0.02, 1.0 / 3.0]
+# Resampling of the training resize: "bicubic" (DeMo) or "bilinear". Test images: bilinear.
+_C.INPUT.TRAIN_INTERPOLATION = "bicubic"
+# Normalisation mean (DeMo: 0.5; CLIP's own is [0.48145466, 0.4578275, 0.40821073]).
+_C.INPUT.PIXEL_MEAN = [0.5, 0.5, 0.5]
+# Normalisation std (DeMo: 0.5; CLIP's own is [0.26862954, 0.26130258, 0.27577711]).
+_C.INPUT.PIXEL_STD = [0.5, 0.5, 0.5]
+# True: one flip/crop draw per sample, shared by its three modalities (keeps them pixel-aligned);
+# False: each modality draws its own (DeMo). Random erasing is always drawn per modality.
+_C.INPUT.SYNC_MODALITY_AUG = False
 
 # ---------------------------------------------------------------------------------------------
 # Datasets
@@ -170,12 +183,15 @@ _C.DATALOADER.SKIP_BAD_IMAGES = False
 _C.SOLVER = CN()
 # Optimizer: "Adam", "AdamW" or "SGD".
 _C.SOLVER.OPTIMIZER = "Adam"
-# Learning rate of the non-backbone parameters.
+# Learning rate of the parameters outside the backbone tower (the camera embedding included).
 _C.SOLVER.BASE_LR = 3.5e-4
-# Learning rate of the backbone parameters.
+# Learning rate of the backbone tower's parameters.
 _C.SOLVER.BACKBONE_LR = 5e-6
 # Learning-rate multiplier of bias parameters.
 _C.SOLVER.BIAS_LR_FACTOR = 2.0
+# Which parameters are biases (solver/build.py): "demo" (names containing "bias", outside the
+# tower; the tower keeps BACKBONE_LR) or "ndim" (every 1-d parameter, in the tower too).
+_C.SOLVER.PARAM_GROUPS = "demo"
 # Weight decay of weights.
 _C.SOLVER.WEIGHT_DECAY = 1e-4
 # Weight decay of biases.
@@ -184,16 +200,27 @@ _C.SOLVER.WEIGHT_DECAY_BIAS = 1e-4
 _C.SOLVER.MOMENTUM = 0.9
 # Training epochs.
 _C.SOLVER.MAX_EPOCHS = 50
-# Linear warm-up epochs (from WARMUP_FACTOR x lr to lr), then cosine decay per epoch.
+# Schedule (timm's CosineLRScheduler, set before each epoch numbered from 1; solver/build.py):
+# linear warm-up over epochs 1..WARMUP_EPOCHS-1, then cosine decay.
 _C.SOLVER.WARMUP_EPOCHS = 10
-# Starting lr multiplier of the warm-up.
-_C.SOLVER.WARMUP_FACTOR = 0.01
-# Final lr multiplier of the cosine decay.
-_C.SOLVER.MIN_LR_FACTOR = 0.002
+# The warm-up starts at WARMUP_FACTOR x BASE_LR (DeMo: 0.1, the same absolute value for every group).
+_C.SOLVER.WARMUP_FACTOR = 0.1
+# The cosine ends at MIN_LR_FACTOR x BASE_LR (DeMo: 0.001, absolute for every group).
+_C.SOLVER.MIN_LR_FACTOR = 0.001
+# Scale the warm-up start and the floor by each group's lr / BASE_LR (False: DeMo's absolute values).
+_C.SOLVER.SCHEDULE_RELATIVE = False
+# Start the cosine after the warm-up (False: DeMo's, cosine over epoch / MAX_EPOCHS from epoch 1).
+_C.SOLVER.WARMUP_PREFIX = False
+# Per-epoch lr noise: lr x (1 + n), n ~ N(0, LR_NOISE_STD) redrawn until |n| < LR_NOISE (0 = off).
+_C.SOLVER.LR_NOISE = 0.67
+# Standard deviation of the lr noise.
+_C.SOLVER.LR_NOISE_STD = 1.0
+# Seed of the lr noise (epoch e draws with seed LR_NOISE_SEED + e).
+_C.SOLVER.LR_NOISE_SEED = 42
 # Images (triplets) per training batch, P x K.
 _C.SOLVER.IMS_PER_BATCH = 64
 # Evaluate every N epochs (and after the last epoch).
-_C.SOLVER.EVAL_PERIOD = 10
+_C.SOLVER.EVAL_PERIOD = 1
 # Write a checkpoint every N epochs (and after the last epoch).
 _C.SOLVER.CHECKPOINT_PERIOD = 1
 # Keep the newest N epoch checkpoints (best and last are kept separately).
@@ -204,8 +231,9 @@ _C.SOLVER.LOG_PERIOD = 10
 _C.SOLVER.SEED = 1111
 # Deterministic algorithms (bit-reproducible on CPU; slower on CUDA).
 _C.SOLVER.DETERMINISTIC = False
-# Mixed precision: "off", "fp16" (CUDA, with grad scaler) or "bf16".
-_C.SOLVER.AMP = "off"
+# Mixed precision of training: "off", "fp16" (DeMo; autocast + grad scaler on CUDA, fp32 on CPU
+# with a log line) or "bf16" (CPU and CUDA).
+_C.SOLVER.AMP = "fp16"
 # Stop after this many consecutive non-finite losses (each such step is skipped).
 _C.SOLVER.MAX_NONFINITE = 5
 # Clip the gradient norm to this value (0 disables).
@@ -219,12 +247,20 @@ _C.TEST = CN()
 _C.TEST.IMS_PER_BATCH = 128
 # Checkpoint evaluated by test_net.py.
 _C.TEST.WEIGHT = ""
-# Retrieval feature: "ori", "fused", "concat", "moe" or "ori+moe".
+# Retrieval feature: "ori", "fused", "hdm", "moe", "ori+moe" or "concat" (every head the model has:
+# ori, then hdm or moe, then fused).
 _C.TEST.FEAT = "ori"
+# Normalisation of a concatenated feature: "once" (DeMo: raw parts concatenated, the whole
+# L2-normalised by the distance) or "per_part" (each part L2-normalised before concatenating).
+_C.TEST.FEAT_NORM = "once"
+# Further retrieval features scored and logged beside TEST.FEAT at every evaluation (same pass).
+_C.TEST.REPORT_FEATS = []
+# Precision of feature extraction: "off" (DeMo: fp32), "fp16" (CUDA) or "bf16".
+_C.TEST.AMP = "off"
 # BNNeck feature used at test: "before" or "after" the BN layer.
 _C.TEST.NECK_FEAT = "before"
-# Distance: "cosine" or "euclidean" (both on L2-normalised features).
-_C.TEST.DIST = "cosine"
+# Distance: "euclidean" (DeMo) or "cosine", both on L2-normalised features (same ranking).
+_C.TEST.DIST = "euclidean"
 # Missing modality at test time: none, r, n, t, rn, rt, nt, or all (test_net.py table).
 _C.TEST.MISS = "none"
 # Average features of the image and its horizontal flip.

@@ -29,9 +29,10 @@ class TriModalImageDataset(Dataset):
     """Reads RGB/NI/TI triplets of ``samples`` and applies ``transform`` to (3, 3, H, W)."""
 
     def __init__(self, samples: List[Sample], size, transform, with_masks: bool = False,
-                 skip_bad_images: bool = False):
+                 skip_bad_images: bool = False, interpolation: str = "bilinear"):
         self.samples = samples
         self.size = size
+        self.interpolation = interpolation
         self.transform = transform
         self.with_masks = with_masks
         self.skip_bad_images = skip_bad_images
@@ -50,7 +51,7 @@ class TriModalImageDataset(Dataset):
             get_logger().warning("skipping unreadable image: %s", exc)
             return None
         item = {
-            "images": self.transform(pil_triplet_to_tensor(images, self.size)),
+            "images": self.transform(pil_triplet_to_tensor(images, self.size, self.interpolation)),
             "pids": sample.pid,
             "camids": sample.camid,
             "sceneids": sample.sceneid,
@@ -171,10 +172,10 @@ def build_data(cfg, rank: int = 0, world_size: int = 1) -> DataBundle:
                                     cfg.DATALOADER.NUM_INSTANCE, cfg.SOLVER.SEED, rank, world_size)
     transform = TriModalTrainTransform(cfg.INPUT.FLIP_PROB, cfg.INPUT.PADDING, cfg.INPUT.RE_PROB,
                                        cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD,
-                                       cfg.INPUT.SYNC_MODALITY_AUG)
+                                       cfg.INPUT.SYNC_MODALITY_AUG, cfg.INPUT.RE_AREA)
     train_loader = DataLoader(
         TriModalImageDataset(train, cfg.INPUT.SIZE_TRAIN, transform, False,
-                             cfg.DATALOADER.SKIP_BAD_IMAGES),
+                             cfg.DATALOADER.SKIP_BAD_IMAGES, cfg.INPUT.TRAIN_INTERPOLATION),
         batch_size=per_rank_batch,
         sampler=sampler,
         num_workers=cfg.DATALOADER.NUM_WORKERS,

@@ -10,7 +10,7 @@ of the image and its horizontal mirror.
 """
 import os
 from contextlib import nullcontext
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,8 @@ def patch_foreground(masks: torch.Tensor, patch_size, stride) -> torch.Tensor:
 
 
 def autocast_context(device: torch.device, amp: str):
-    if amp == "off":
+    """Autocast for SOLVER.AMP / TEST.AMP: "bf16" anywhere, "fp16" on CUDA (fp32 elsewhere)."""
+    if amp == "off" or (amp == "fp16" and device.type != "cuda"):
         return nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -49,10 +50,13 @@ def autocast_context(device: torch.device, amp: str):
 
 @torch.no_grad()
 def extract(model, eval_set, device, feat: str, neck_feat: str, miss: str = "none",
-            flip: bool = False, amp: str = "off") -> Dict:
-    """Features of every sample of ``eval_set``.
+            flip: bool = False, amp: str = "off", feat_norm: str = "once",
+            extra_feats: Sequence[str] = ()) -> Dict:
+    """Features of every sample of ``eval_set`` (see :func:`retrieval_feature` for feat,
+    neck_feat and feat_norm).
 
-    Returns dict: feats (M, D) float32 CPU, pids/camids/sceneids/index (M,) int64 numpy,
+    Returns dict: feats (M, D) float32 CPU, extra_feats {name: (M, D')} for ``extra_feats`` (from
+    the same forward passes), pids/camids/sceneids/index (M,) int64 numpy,
     num_skipped, and when the model selects tokens and masks exist: fg_kept / kept / fg_all / all
     / fg_best patch counts (foreground = at least half of the patch's pixels on the person;
     fg_best = sum over rows of min(foreground patches, kept patches): the foreground kept by a
@@ -60,7 +64,9 @@ def extract(model, eval_set, device, feat: str, neck_feat: str, miss: str = "non
     """
     was_training = model.training
     model.eval()
-    feats, meta = [], {k: [] for k in ("pids", "camids", "sceneids", "index")}
+    names = (feat,) + tuple(n for n in extra_feats if n != feat)
+    feats = {name: [] for name in names}
+    meta = {k: [] for k in ("pids", "camids", "sceneids", "index")}
     counts = torch.zeros(5, dtype=torch.float64)
     skipped = 0
     backbone = model.backbone
@@ -72,11 +78,12 @@ def extract(model, eval_set, device, feat: str, neck_feat: str, miss: str = "non
         cams = batch["camids"].to(device)
         with autocast_context(device, amp):
             outputs = model(images, cams)
-            f = retrieval_feature(outputs, feat, neck_feat).float()
-            if flip:
-                flipped = model(images.flip(-1), cams)
-                f = (f + retrieval_feature(flipped, feat, neck_feat).float()) / 2
-        feats.append(f.cpu())
+            flipped = model(images.flip(-1), cams) if flip else None
+        for name in names:
+            f = retrieval_feature(outputs, name, neck_feat, feat_norm).float()
+            if flipped is not None:
+                f = (f + retrieval_feature(flipped, name, neck_feat, feat_norm).float()) / 2
+            feats[name].append(f.cpu())
         for key in meta:
             meta[key].append(batch[key])
         if "keep_mask" in outputs and "masks" in batch:
@@ -87,15 +94,13 @@ def extract(model, eval_set, device, feat: str, neck_feat: str, miss: str = "non
             counts += torch.tensor([(keep & fg3).sum(), keep.sum(), fg3.sum(), fg3.numel(), best],
                                    dtype=torch.float64)
     model.train(was_training)
-    dim = feats[0].shape[1] if feats else 0
-    local = {
-        "feats": torch.cat(feats) if feats else torch.zeros(0, dim),
-        **{k: torch.cat(v) if v else torch.zeros(0, dtype=torch.long) for k, v in meta.items()},
-    }
+    local = {f"feats/{name}": torch.cat(v) if v else torch.zeros(0, 0) for name, v in feats.items()}
+    local.update({k: torch.cat(v) if v else torch.zeros(0, dtype=torch.long) for k, v in meta.items()})
     result = {k: torch.cat(all_gather_tensor(v.to(device))).cpu() for k, v in local.items()}
     stats = torch.cat([counts, torch.tensor([float(skipped)], dtype=torch.float64)])
     totals = torch.cat(all_gather_tensor(stats.unsqueeze(0).to(device))).sum(0).cpu()
-    out = {"feats": result["feats"].float()}
+    out = {"feats": result[f"feats/{feat}"].float(),
+           "extra_feats": {name: result[f"feats/{name}"].float() for name in names[1:]}}
     out.update({k: result[k].numpy().astype(np.int64) for k in meta})
     out["num_skipped"] = int(totals[5])
     if totals[1] > 0:
@@ -142,17 +147,34 @@ def rank_metrics(extracted: Dict, eval_set, dist_metric: str, rerank=None) -> Di
 
 
 def extract_with_cfg(model, eval_set, cfg, device, miss: Optional[str] = None) -> Dict:
-    """``extract`` with the config's test options (TEST.FEAT, NECK_FEAT, MISS, FLIP, SOLVER.AMP)."""
+    """``extract`` with the config's test options (TEST.FEAT, NECK_FEAT, FEAT_NORM, REPORT_FEATS,
+    MISS, FLIP, AMP)."""
     return extract(model, eval_set, device, cfg.TEST.FEAT, cfg.TEST.NECK_FEAT,
-                   miss if miss is not None else cfg.TEST.MISS, cfg.TEST.FLIP, cfg.SOLVER.AMP)
+                   miss if miss is not None else cfg.TEST.MISS, cfg.TEST.FLIP, cfg.TEST.AMP,
+                   cfg.TEST.FEAT_NORM, cfg.TEST.REPORT_FEATS)
+
+
+def score_extracted(extracted: Dict, eval_set, cfg) -> Dict:
+    """Metrics of ``extracted["feats"]`` (``rank_metrics``, re-ranked if configured), with
+    ``by_feat``: {name: metrics} of each ``TEST.REPORT_FEATS`` feature (TEST.FEAT included)."""
+    reranker = build_reranker(cfg)
+    metrics = rank_metrics(extracted, eval_set, cfg.TEST.DIST, reranker)
+    metrics["num_skipped"] = extracted["num_skipped"]
+    if extracted["extra_feats"] or cfg.TEST.REPORT_FEATS:
+        metrics["by_feat"] = {}
+        for name in cfg.TEST.REPORT_FEATS:
+            if name == cfg.TEST.FEAT:
+                metrics["by_feat"][name] = {k: metrics[k] for k in ("mAP", "R1", "R5", "R10", "mINP")}
+                continue
+            other = rank_metrics({**extracted, "feats": extracted["extra_feats"][name]}, eval_set,
+                                 cfg.TEST.DIST, reranker)
+            metrics["by_feat"][name] = {k: other[k] for k in ("mAP", "R1", "R5", "R10", "mINP")}
+    return metrics
 
 
 def evaluate(model, eval_set, cfg, device, miss: Optional[str] = None) -> Dict:
     """Extract and score one evaluation set with the config's test options (re-ranking too)."""
-    extracted = extract_with_cfg(model, eval_set, cfg, device, miss)
-    metrics = rank_metrics(extracted, eval_set, cfg.TEST.DIST, build_reranker(cfg))
-    metrics["num_skipped"] = extracted["num_skipped"]
-    return metrics
+    return score_extracted(extract_with_cfg(model, eval_set, cfg, device, miss), eval_set, cfg)
 
 
 def build_reranker(cfg):
@@ -175,6 +197,9 @@ def format_metrics(metrics: Dict) -> str:
         text += (f"  kept-token foreground precision {metrics['fg_precision'] * 100:.1f}% "
                  f"(all patches {metrics['fg_share'] * 100:.1f}%, perfect selection "
                  f"{metrics['fg_best'] * 100:.1f}%)")
+    if metrics.get("by_feat"):
+        text += "  | " + "  | ".join(f"{name}: mAP {m['mAP'] * 100:.2f} R1 {m['R1'] * 100:.2f}"
+                                      for name, m in metrics["by_feat"].items())
     if metrics.get("num_skipped"):
         text += f"  [{metrics['num_skipped']} unreadable sample(s) skipped]"
     return text

@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 import time
-import warnings
 from typing import Dict, Optional
 
 import torch
@@ -26,7 +25,7 @@ from tqdm import tqdm
 from engine.evaluator import autocast_context, evaluate, format_metrics
 from modeling.losses import ReIDCriterion
 from modeling.sdtps import PAIR_NAMES, diagnostics_summary
-from solver.build import build_optimizer, build_scheduler
+from solver.build import build_optimizer, build_scheduler, lr_by_kind, set_epoch_lr
 from utils import checkpoint as ckpt
 from utils.dist import (all_gather_object, any_rank, barrier, broadcast_buffers, get_rank,
                         get_world_size, is_distributed, is_main_process)
@@ -66,6 +65,10 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.amp = cfg.SOLVER.AMP
+        if self.amp == "fp16" and device.type != "cuda":
+            self.logger.warning("SOLVER.AMP fp16 needs CUDA: training in fp32 on %s (bf16 is the "
+                                "mixed precision that runs on CPU)", device)
+            self.amp = "off"
         self.scaler = torch.amp.GradScaler(device.type, enabled=(self.amp == "fp16"))
         self.criterion = ReIDCriterion(cfg)
         self.start_epoch, self.start_iter = 0, 0
@@ -88,7 +91,6 @@ class Trainer:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": epoch,
             "iteration": iteration,
@@ -133,13 +135,8 @@ class Trainer:
                                 "model: optimizer%s state not restored, starting afresh at epoch %d",
                                 " and grad-scaler" if self.amp == "fp16" else "",
                                 self.start_epoch + 1)
-            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
-                warnings.simplefilter("ignore")
-                for _ in range(self.start_epoch):
-                    self.scheduler.step()
-        else:
+        else:  # the lr schedule is a function of the epoch: nothing to restore for it
             self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
         self.global_step = state.get("global_step", 0)
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
@@ -210,10 +207,8 @@ class Trainer:
         for key, value in result["parts"].items():
             self.writer.add_scalar(f"train/{key}", value, step)
         if (iteration + 1) % self.cfg.SOLVER.LOG_PERIOD == 0 or iteration + 1 == num_iters:
-            lr = self.optimizer.param_groups[-1]["lr"]
-            self.writer.add_scalar("train/lr_head", lr, step)
-            self.logger.info("epoch %d iter %d/%d  loss %.4f  acc %.3f  lr %.2e", epoch + 1,
-                             iteration + 1, num_iters, result["loss"], result["acc"], lr)
+            self.logger.info("epoch %d iter %d/%d  loss %.4f  acc %.3f", epoch + 1,
+                             iteration + 1, num_iters, result["loss"], result["acc"])
             self.log_diagnostics(result["outputs"], step)
 
     def log_diagnostics(self, outputs: Dict, step: int) -> None:
@@ -322,6 +317,16 @@ class Trainer:
                     {"model": self.model.state_dict(), "epoch": epoch + 1, "metrics": results,
                      "cfg": self.cfg.dump()}), os.path.join(self.output_dir, "model_best.pth"))
 
+    def set_lr(self, epoch: int) -> None:
+        """Set the epoch's learning rates (before its first iteration) and log one per group kind."""
+        set_epoch_lr(self.scheduler, epoch)
+        lrs = lr_by_kind(self.optimizer)
+        self.logger.info("epoch %d lr: %s", epoch + 1,
+                         ", ".join(f"{kind} {lr:.6e}" for kind, lr in lrs.items()))
+        if self.writer is not None:
+            for kind, lr in lrs.items():
+                self.writer.add_scalar(f"lr/{kind}", lr, epoch + 1)
+
     def request_stop(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         self.logger.warning("signal %d received: checkpointing after this iteration", signum)
         self.stop_requested = True
@@ -329,16 +334,14 @@ class Trainer:
     def train(self) -> Dict:
         """Run the remaining epochs; returns the final summary (also written to summary.json)."""
         cfg = self.cfg
-        if self.amp == "fp16" and self.device.type != "cuda":
-            raise ValueError("SOLVER.AMP fp16 needs CUDA; use bf16 on CPU")
         previous = signal.signal(signal.SIGTERM, self.request_stop)
         start = time.time()
         last = None
         try:
             for epoch in range(self.start_epoch, cfg.SOLVER.MAX_EPOCHS):
                 t0 = time.time()
+                self.set_lr(epoch)
                 self.train_epoch(epoch)
-                self.scheduler.step()
                 self.logger.info("epoch %d done in %.1f s", epoch + 1, time.time() - t0)
                 final = epoch + 1 == cfg.SOLVER.MAX_EPOCHS
                 if (epoch + 1) % cfg.SOLVER.EVAL_PERIOD == 0 or final:
@@ -353,8 +356,22 @@ class Trainer:
             last = self.history[-1]
         return self.finish(last, time.time() - start)
 
+    def best_on_test(self) -> Optional[Dict]:
+        """The evaluation with the highest test mAP (the published protocol: the epoch is chosen on
+        the test split itself, so the figure is optimistic; for comparison with papers only)."""
+        evaluated = [h for h in self.history if "test" in h["results"]]
+        if not evaluated:
+            return None
+        top = max(evaluated, key=lambda h: h["results"]["test"]["mAP"])
+        return {"epoch": top["epoch"], "evaluated_epochs": len(evaluated),
+                "metrics": top["results"]["test"],
+                "protocol": "best test mAP over the evaluated epochs (the paper's protocol, "
+                            "test-set selection)"}
+
     def finish(self, last: Optional[Dict], seconds: float) -> Dict:
-        summary = {"last": last, "best": self.best, "train_seconds": seconds,
+        best_test = self.best_on_test()
+        summary = {"last": last, "best": self.best, "best_test_paper_protocol": best_test,
+                   "train_seconds": seconds,
                    "world_size": get_world_size(), "test_feat": self.cfg.TEST.FEAT,
                    "nonfinite_steps": self.nonfinite_steps,
                    "skipped_train_images": self.skipped_train_images}
@@ -367,6 +384,11 @@ class Trainer:
                    else "selected on the TEST split (no validation split; optimistic)")
             self.logger.info("best checkpoint: epoch %d, %s (mAP %.2f), saved as model_best.pth",
                              self.best["epoch"], how, self.best["mAP"] * 100)
+        if best_test is not None:
+            self.logger.info("best test mAP over the %d evaluated epochs (the paper's protocol, "
+                             "test-set selection; compare with published tables only): epoch %d: %s",
+                             best_test["evaluated_epochs"], best_test["epoch"],
+                             format_metrics(best_test["metrics"]))
         if is_main_process():
             with open(os.path.join(self.output_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2, default=float)

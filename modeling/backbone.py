@@ -1,7 +1,8 @@
 """The ViT backbone shared by the three modalities.
 
 Built by name with timm (``MODEL.BACKBONE``), at the configured input size and patch stride
-(position embeddings are resampled to the new grid). Optional camera embedding (SIE) is added to
+(position embeddings are resampled to the new grid: ``pos_embed_resize`` "bilinear" is DeMo's
+plain bilinear interpolation without antialias, "bicubic" timm's default, with antialias). Optional camera embedding (SIE) is added to
 the CLS token. For CLIP-style models the tokens go through the final LayerNorm and a projection to
 ``MODEL.PROJ_DIM`` (512 for CLIP ViT-B/16), as DeMo does.
 
@@ -64,8 +65,10 @@ class ViTBackbone(nn.Module):
     def __init__(self, name: str, img_size: Sequence[int], stride: Sequence[int], num_cams: int,
                  depth: int = 0, drop_path: float = 0.0, proj_dim: int = 0,
                  sie_camera: bool = True, sie_coe: float = 1.0, pretrain_path: str = "",
-                 reg_tokens: int = 0):
+                 reg_tokens: int = 0, pos_embed_resize: str = "bilinear"):
         super().__init__()
+        # F.interpolate arguments of every position-embedding resampling
+        self.resize_args = dict(interpolation=pos_embed_resize, antialias=pos_embed_resize == "bicubic")
         logger = get_logger()
         kwargs = dict(img_size=tuple(img_size), num_classes=proj_dim, drop_path_rate=drop_path,
                       global_pool="")
@@ -117,7 +120,8 @@ class ViTBackbone(nn.Module):
         prefix = 0 if self.vit.no_embed_class else self.vit.num_prefix_tokens
         with torch.no_grad():
             resampled = resample_abs_pos_embed(self.vit.pos_embed.data, new_size=new_grid,
-                                               old_size=old_grid, num_prefix_tokens=prefix)
+                                               old_size=old_grid, num_prefix_tokens=prefix,
+                                               **self.resize_args)
         self.vit.pos_embed = nn.Parameter(resampled)
 
     def load_pretrained(self, path: str) -> None:
@@ -130,7 +134,8 @@ class ViTBackbone(nn.Module):
                 f"{self.vit.reg_token.shape[1]}: its position embedding has no slots for them. "
                 "Set MODEL.REG_TOKENS 0 for this file, or use a checkpoint trained with registers")
         try:
-            state = checkpoint_filter_fn(state, self.vit)  # CLIP key conversion, pos-embed resampling
+            # CLIP key conversion, position-embedding resampling to the patch grid
+            state = checkpoint_filter_fn(state, self.vit, **self.resize_args)
         except Exception as exc:  # noqa: BLE001
             raise PretrainedWeightsError(f"{path} is not compatible with {type(self.vit).__name__}: {exc}") from exc
         own = self.vit.state_dict()

@@ -47,7 +47,8 @@ class MultiModalReID(nn.Module):
         self.backbone = ViTBackbone(
             m.BACKBONE, cfg.INPUT.SIZE_TRAIN, m.STRIDE_SIZE, num_cams, depth=m.BACKBONE_DEPTH,
             drop_path=m.DROP_PATH, proj_dim=m.PROJ_DIM, sie_camera=m.SIE_CAMERA,
-            sie_coe=m.SIE_COE, pretrain_path=m.PRETRAIN_PATH, reg_tokens=m.REG_TOKENS)
+            sie_coe=m.SIE_COE, pretrain_path=m.PRETRAIN_PATH, reg_tokens=m.REG_TOKENS,
+            pos_embed_resize=m.POS_EMBED_RESIZE)
         dim = self.backbone.out_dim
         self.direct = m.DIRECT
         heads = {}
@@ -77,8 +78,9 @@ class MultiModalReID(nn.Module):
         self.heads = nn.ModuleDict(heads)
         self.loss_weights = {name: (m.SDTPS.LOSS_WEIGHT if name == "fused" else 1.0) for name in heads}
 
-    def backbone_parameters(self):
-        return self.backbone.parameters()
+    def backbone_tower_parameters(self):
+        """Parameters of the ViT tower (not the camera embedding): ``SOLVER.BACKBONE_LR``."""
+        return self.backbone.vit.parameters()
 
     def encode(self, images: torch.Tensor, cam_ids: torch.Tensor) -> torch.Tensor:
         """(B, 3, 3, H, W), (B,) -> tokens (B, 3, 1 + N, C); one backbone pass over 3B images."""
@@ -121,13 +123,15 @@ class MultiModalReID(nn.Module):
         return out
 
 
-def retrieval_feature(outputs: Dict, feat: str, neck_feat: str) -> torch.Tensor:
+def retrieval_feature(outputs: Dict, feat: str, neck_feat: str, norm: str = "once") -> torch.Tensor:
     """The (B, D) retrieval feature named by ``TEST.FEAT``.
 
     ``ori``: the original globals (one head, or the three per-modality heads concatenated);
     ``fused``: the SDTPS/DGAF head; ``moe``: the ATMoE head; ``ori+moe``: ori and moe;
-    ``concat``: every head the model has (ori, then moe and fused when present).
-    Concatenated parts are each L2-normalised first, so no part dominates by its scale.
+    ``concat``: every head the model has (ori, then hdm or moe, then fused).
+    ``neck_feat``: "before" or "after" the BNNeck's BN. ``norm`` (``TEST.FEAT_NORM``) for the
+    concatenations: "once" joins the raw parts (DeMo; the distance L2-normalises the whole),
+    "per_part" L2-normalises each part first, so that no part dominates by its scale.
     """
     heads = outputs["heads"]
     pick = 0 if neck_feat == "before" else 1
@@ -139,11 +143,14 @@ def retrieval_feature(outputs: Dict, feat: str, neck_feat: str) -> torch.Tensor:
             raise KeyError(f"TEST.FEAT needs the '{name}' head, which this model does not have")
         return heads[name][pick]
 
-    if feat in ("concat", "ori+moe"):
-        parts = ("ori", "moe") if feat == "ori+moe" else ("ori",) + tuple(
-            p for p in ("moe", "fused") if p in heads)
-        return torch.cat([F.normalize(one(p), dim=1) for p in parts], dim=1)
-    return one(feat)
+    if feat not in ("concat", "ori+moe"):
+        return one(feat)
+    parts = ("ori", "moe") if feat == "ori+moe" else ("ori",) + tuple(
+        p for p in ("hdm", "moe", "fused") if p in heads)
+    values = [one(p) for p in parts]
+    if norm == "per_part":
+        values = [F.normalize(v, dim=1) for v in values]
+    return torch.cat(values, dim=1)
 
 
 def build_model(cfg, num_classes: int, num_cams: int) -> MultiModalReID:

@@ -58,10 +58,12 @@ GUIDE_ORDER = ((0, 1, 2), (1, 0, 2), (2, 0, 1))
 # "patches<-guide" name of each of the 9 pairs, in pair order (for logging).
 PAIR_NAMES = tuple(f"{MODALITIES[m]}<-{MODALITIES[g]}" for m in range(3) for g in GUIDE_ORDER[m])
 
-# Variance floor of the gate normalisation: the standardised cosine is
+# Variance floor of the "patches" gate normalisation: the standardised cosine is
 # (cos - mean) / sqrt(var + GATE_NORM_EPS), so its derivative w.r.t. cos is at most
 # 1 / sqrt(GATE_NORM_EPS) = 10, whatever the spread of the cosines (no 1/sqrt(1e-5) blow-up).
 GATE_NORM_EPS = 1e-2
+# Epsilon of the "heads" gate normalisation (the prototype's nn.LayerNorm over the H heads).
+HEADS_NORM_EPS = 1e-5
 # Added to the denominator of the optional attention renormalisation.
 RENORM_EPS = 1e-8
 # Added to (max - min) of the per-sample min-max score normalisation.
@@ -70,13 +72,14 @@ MINMAX_EPS = 1e-8
 COS_EPS = 1e-8
 
 SCORE_COMBINES = ("mean", "learned")
+GATE_NORMS = ("none", "patches", "heads")
 
 
 def num_kept(num_patches: int, sparse_ratio: float) -> int:
-    """K = max(1, ceil(N * sparse_ratio)), robust to float noise (N=10, ratio=0.7 gives 7, not 8)."""
+    """K = max(1, ceil(N * sparse_ratio)), robust to float noise (N=100, ratio=0.55 gives 55, not 56)."""
     if not 0.0 < sparse_ratio <= 1.0:
         raise ValueError(f"sparse_ratio must be in (0, 1], got {sparse_ratio}")
-    # 10 * 0.7 == 7.000000000000001 in binary floating point; rounding to 6 decimals first keeps
+    # 100 * 0.55 == 55.00000000000001 in binary floating point; rounding to 6 decimals first keeps
     # the intended integer while leaving genuine fractions (128 * 0.7 = 89.6 -> 90) untouched.
     return max(1, math.ceil(round(num_patches * sparse_ratio, 6)))
 
@@ -112,23 +115,32 @@ def _cosine(patches: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
 
 
 def _gate_logits(
-    cos: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, gate_norm: bool, eps: float
+    cos: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, gate_norm: str, eps: float,
+    norm_weight: Optional[torch.Tensor] = None, norm_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Per-head gate logits from the cosines.
 
     Args:
         cos: (..., N) cosines, shared by the heads.
         scale, bias: (..., H) per-head affine parameters (leading dims broadcast against cos's).
-        gate_norm: standardise cos over the N patches of each sample first.
-        eps: variance floor of the standardisation.
+        gate_norm: "none"; "patches": standardise cos over the N patches of each sample first
+            (variance floor ``eps``); "heads": LayerNorm of the logits across the H heads of each
+            patch (eps HEADS_NORM_EPS), with the affine ``norm_weight``, ``norm_bias`` (..., H).
     Returns:
-        (..., H, N) logits ``cos' * scale_h + bias_h`` with cos' = cos or its standardised version.
+        (..., H, N) logits ``cos' * scale_h + bias_h`` (cos' = cos or its standardised version),
+        layer-normalised over H for "heads".
     """
-    if gate_norm:
+    if gate_norm == "patches":
         mean = cos.mean(dim=-1, keepdim=True)
         var = cos.var(dim=-1, correction=0, keepdim=True)
         cos = (cos - mean) * torch.rsqrt(var + eps)
-    return cos.unsqueeze(-2) * scale.unsqueeze(-1) + bias.unsqueeze(-1)
+    logits = cos.unsqueeze(-2) * scale.unsqueeze(-1) + bias.unsqueeze(-1)
+    if gate_norm == "heads":
+        mean = logits.mean(dim=-2, keepdim=True)
+        var = logits.var(dim=-2, correction=0, keepdim=True)
+        logits = (logits - mean) * torch.rsqrt(var + HEADS_NORM_EPS)
+        logits = logits * norm_weight.unsqueeze(-1) + norm_bias.unsqueeze(-1)
+    return logits
 
 
 def _gated_scores(attn: torch.Tensor, gate: torch.Tensor, renorm_attn: bool):
@@ -164,12 +176,14 @@ class CrossModalAttention(nn.Module):
     2. ``cos = cosine(P_n, g)`` in the raw feature space, (B, N), shared by all heads.
     3. ``gate_logits_h = cos * scale_h + bias_h`` with learnable per-head ``scale`` and ``bias``
        initialised to ``gate_init_scale`` and ``gate_init_bias``.
-    4. Gate normalisation (``gate_norm``, default off): cos is standardised over the N patches of
-       each sample BEFORE the per-head affine, ``cos' = (cos - mean_N) / sqrt(var_N + eps)``, with
-       ``eps = gate_norm_eps`` (1e-2). The logits then have a per-head spread set by ``scale_h``
-       alone, independent of the patch count and of the raw cosines' offset and spread. Because
-       the standardisation runs over N (not over the heads) it keeps the cosine ranking even when
-       all heads start equal, and ``d cos'/d cos <= 1/sqrt(eps) = 10`` bounds the gradient gain.
+    4. Gate normalisation (``gate_norm``, default "none"). "patches": cos is standardised over
+       the N patches of each sample BEFORE the per-head affine, ``cos' = (cos - mean_N) /
+       sqrt(var_N + eps)``, with ``eps = gate_norm_eps`` (1e-2): the logits then have a per-head
+       spread set by ``scale_h`` alone, it keeps the cosine ranking even when all heads start
+       equal, and ``d cos'/d cos <= 1/sqrt(eps) = 10`` bounds the gradient gain. "heads" (the
+       prototype's): the logits AFTER the affine go through a LayerNorm across the H heads of each
+       patch (eps 1e-5, learnable per-head affine initialised to 1 and 0); with equal heads at
+       initialisation every normalised logit is 0 (gate 0.5 everywhere).
        ``gate = sigmoid(gate_logits)`` (B, H, N).
     5. ``attn_gated = attn * gate``; with ``renorm_attn`` it is divided by its sum over N
        (+ 1e-8) so that each head's weights sum to 1.
@@ -186,29 +200,39 @@ class CrossModalAttention(nn.Module):
         num_heads: int = 4,
         gate_init_scale: float = 0.5,
         gate_init_bias: float = 0.5,
-        gate_norm: bool = False,
+        gate_norm: str = "none",
         renorm_attn: bool = False,
         gate_norm_eps: float = GATE_NORM_EPS,
     ):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        _check_gate_norm(gate_norm)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.gate_norm, self.renorm_attn, self.gate_norm_eps = gate_norm, renorm_attn, gate_norm_eps
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim, bias=False)
+        nn.init.xavier_uniform_(self.q_proj.weight)
+        nn.init.zeros_(self.q_proj.bias)
+        nn.init.xavier_uniform_(self.k_proj.weight)
         self.gate_scale = nn.Parameter(torch.full((num_heads,), float(gate_init_scale)))
         self.gate_bias = nn.Parameter(torch.full((num_heads,), float(gate_init_bias)))
+        heads_norm = gate_norm == "heads"
+        self.gate_norm_weight = nn.Parameter(torch.ones(num_heads)) if heads_norm else None
+        self.gate_norm_bias = nn.Parameter(torch.zeros(num_heads)) if heads_norm else None
 
     def gate_from_cos(self, cos: torch.Tensor) -> torch.Tensor:
         """Gate for given cosines: cos (B, N) -> (B, H, N)."""
-        return torch.sigmoid(
-            _gate_logits(cos, self.gate_scale, self.gate_bias, self.gate_norm, self.gate_norm_eps)
-        )
+        return torch.sigmoid(_gate_logits(cos, self.gate_scale, self.gate_bias, self.gate_norm,
+                                          self.gate_norm_eps, self.gate_norm_weight,
+                                          self.gate_norm_bias))
 
     def forward(self, patches: torch.Tensor, guide: torch.Tensor) -> PairScores:
         """patches (B, N, C), guide (B, C) -> PairScores with score (B, N), attn/gate (B, H, N)."""
-        b, n, _ = patches.shape
+        b, n, c = patches.shape
+        if guide.shape != (b, c):
+            raise ValueError(f"expected patches (B, N, C) and guide (B, C); got {tuple(patches.shape)} "
+                             f"and {tuple(guide.shape)}")
         q = self.q_proj(guide).view(b, self.num_heads, self.head_dim)  # (B, H, d)
         k = self.k_proj(patches).view(b, n, self.num_heads, self.head_dim)  # (B, N, H, d)
         logits = torch.einsum("bhd,bnhd->bhn", q, k) / math.sqrt(self.head_dim)
@@ -217,6 +241,11 @@ class CrossModalAttention(nn.Module):
         gate = self.gate_from_cos(cos)
         attn_gated, score = _gated_scores(attn, gate, self.renorm_attn)
         return PairScores(score, attn, gate, attn_gated, cos)
+
+
+def _check_gate_norm(gate_norm: str) -> None:
+    if gate_norm not in GATE_NORMS:
+        raise ValueError(f"gate_norm must be one of {GATE_NORMS}, got {gate_norm!r}")
 
 
 class SDTPSDiagnostics(NamedTuple):
@@ -255,7 +284,7 @@ class MultiModalSDTPS(nn.Module):
         dim: channels C. num_heads: heads H per scorer (C % H == 0).
         sparse_ratio: share of patches kept, in (0, 1].
         gate_init_scale, gate_init_bias: initial per-head gate scale and bias.
-        gate_norm: standardise the cosines over N before the gate (see CrossModalAttention).
+        gate_norm: "none", "patches" or "heads" (see CrossModalAttention).
         renorm_attn: renormalise the gated attention to sum to 1 over N.
         score_combine: "mean" or "learned".
         gate_norm_eps: variance floor of the gate normalisation.
@@ -268,7 +297,7 @@ class MultiModalSDTPS(nn.Module):
         sparse_ratio: float = 0.7,
         gate_init_scale: float = 0.5,
         gate_init_bias: float = 0.5,
-        gate_norm: bool = False,
+        gate_norm: str = "none",
         renorm_attn: bool = False,
         score_combine: str = "mean",
         gate_norm_eps: float = GATE_NORM_EPS,
@@ -276,6 +305,7 @@ class MultiModalSDTPS(nn.Module):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        _check_gate_norm(gate_norm)
         if score_combine not in SCORE_COMBINES:
             raise ValueError(f"score_combine must be one of {SCORE_COMBINES}, got {score_combine!r}")
         num_kept(1, sparse_ratio)  # validates the ratio
@@ -289,6 +319,12 @@ class MultiModalSDTPS(nn.Module):
         self.k_weight = nn.Parameter(torch.empty(9, dim, dim))
         self.gate_scale = nn.Parameter(torch.empty(9, num_heads))
         self.gate_bias = nn.Parameter(torch.empty(9, num_heads))
+        if gate_norm == "heads":  # per pair, the LayerNorm's affine over the H heads
+            self.gate_norm_weight = nn.Parameter(torch.ones(9, num_heads))
+            self.gate_norm_bias = nn.Parameter(torch.zeros(9, num_heads))
+        else:
+            self.register_parameter("gate_norm_weight", None)
+            self.register_parameter("gate_norm_bias", None)
         if score_combine == "learned":
             # (modality, guide slot) logits; zeros = equal weights = the "mean" rule at init.
             self.combine_logits = nn.Parameter(torch.zeros(3, 3))
@@ -298,14 +334,17 @@ class MultiModalSDTPS(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """nn.Linear's default init for every pair's projections, the configured gate init."""
-        bound = 1.0 / math.sqrt(self.dim)
+        """Xavier-uniform query/key projections with a zero query bias (the prototype's init),
+        the configured gate init."""
         for p in range(9):
-            nn.init.kaiming_uniform_(self.q_weight.data[p], a=math.sqrt(5))
-            nn.init.kaiming_uniform_(self.k_weight.data[p], a=math.sqrt(5))
-        nn.init.uniform_(self.q_bias, -bound, bound)
+            nn.init.xavier_uniform_(self.q_weight.data[p])
+            nn.init.xavier_uniform_(self.k_weight.data[p])
+        nn.init.zeros_(self.q_bias)
         nn.init.constant_(self.gate_scale, self.gate_init_scale)
         nn.init.constant_(self.gate_bias, self.gate_init_bias)
+        if self.gate_norm_weight is not None:
+            nn.init.ones_(self.gate_norm_weight)
+            nn.init.zeros_(self.gate_norm_bias)
         if self.combine_logits is not None:
             nn.init.zeros_(self.combine_logits)
 
@@ -322,6 +361,9 @@ class MultiModalSDTPS(nn.Module):
             mod.k_proj.weight.copy_(self.k_weight[pair])
             mod.gate_scale.copy_(self.gate_scale[pair])
             mod.gate_bias.copy_(self.gate_bias[pair])
+            if self.gate_norm_weight is not None:
+                mod.gate_norm_weight.copy_(self.gate_norm_weight[pair])
+                mod.gate_norm_bias.copy_(self.gate_norm_bias[pair])
         return mod
 
     def combine_weights(self) -> torch.Tensor:
@@ -352,9 +394,12 @@ class MultiModalSDTPS(nn.Module):
         attn = logits.float().softmax(dim=-1)  # (B, 3, 3, H, N)
         dots = torch.einsum("bmjc,bmnc->bmjn", F.normalize(guides, dim=-1, eps=COS_EPS), patches)
         cos = (dots / patches.norm(dim=-1).clamp_min(COS_EPS).unsqueeze(2)).float()  # (B, 3, 3, N)
+        norm_w, norm_b = self.gate_norm_weight, self.gate_norm_bias
         gate = torch.sigmoid(_gate_logits(
             cos, self.gate_scale.view(3, 3, h), self.gate_bias.view(3, 3, h),
             self.gate_norm, self.gate_norm_eps,
+            None if norm_w is None else norm_w.view(3, 3, h),
+            None if norm_b is None else norm_b.view(3, 3, h),
         ))
         attn_gated, score = _gated_scores(attn, gate, self.renorm_attn)
         return PairScores(score, attn, gate, attn_gated, cos)
@@ -404,7 +449,7 @@ class MultiModalSDTPS(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, sparse_ratio={self.sparse_ratio}, "
                 f"gate_init=({self.gate_init_scale}, {self.gate_init_bias}), "
-                f"gate_norm={self.gate_norm}, renorm_attn={self.renorm_attn}, "
+                f"gate_norm={self.gate_norm!r}, renorm_attn={self.renorm_attn}, "
                 f"score_combine={self.score_combine!r}")
 
 

@@ -1,28 +1,58 @@
 """Optimizer and learning-rate schedule from the config.
 
-Parameter groups: backbone parameters use ``SOLVER.BACKBONE_LR``, the rest ``SOLVER.BASE_LR``;
-biases (and other 1-d parameters: norms, gate biases) get ``BIAS_LR_FACTOR`` x the lr and
-``WEIGHT_DECAY_BIAS``. The schedule is per epoch: linear warm-up from ``WARMUP_FACTOR`` x lr over
-``WARMUP_EPOCHS``, then cosine decay to ``MIN_LR_FACTOR`` x lr at ``MAX_EPOCHS``.
+Parameter groups: one group per trainable parameter tensor, named by ``named_parameters()``,
+with a ``kind`` (``backbone``, ``backbone_bias``, ``bias`` or ``base``) that sets its lr and weight
+decay (``SOLVER.PARAM_GROUPS``):
+
+* ``demo`` (DeMo's rule): every parameter of the backbone tower (``model.backbone.vit``, biases
+  included) ``BACKBONE_LR``; any other parameter whose name contains "bias" ``BASE_LR x
+  BIAS_LR_FACTOR`` with ``WEIGHT_DECAY_BIAS``; everything else (norm weights and the camera
+  embedding included) ``BASE_LR`` with ``WEIGHT_DECAY``.
+* ``ndim``: biases and every other 1-d parameter (norm weights, gate scales) are "biases", in the
+  tower too: ``x BIAS_LR_FACTOR`` of their part's lr, with ``WEIGHT_DECAY_BIAS``.
+
+Schedule: timm's ``CosineLRScheduler``, stepped once per epoch BEFORE the epoch with the 1-based
+epoch number (DeMo's convention; :func:`set_epoch_lr`). Warm-up from ``WARMUP_FACTOR x BASE_LR``
+over ``WARMUP_EPOCHS``, cosine down to ``MIN_LR_FACTOR x BASE_LR``, per-epoch multiplicative noise
+``1 + n`` (``|n| < LR_NOISE``, seeded ``LR_NOISE_SEED + epoch``). With ``SCHEDULE_RELATIVE`` the
+warm-up start and the floor scale with each group's own lr (timm's ``lr_scale``); with
+``WARMUP_PREFIX`` the cosine starts after the warm-up instead of running over the whole run.
 """
-import math
+from typing import Dict, List
 
 import torch
+from timm.scheduler import CosineLRScheduler
+
+def _is_bias(rule: str, name: str, param: torch.Tensor) -> bool:
+    """DeMo's rule: the name contains "bias"; ndim: a ``.bias`` or any other 1-d parameter."""
+    if rule == "demo":
+        return "bias" in name
+    return name.endswith(".bias") or param.ndim <= 1
 
 
-def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_param_groups(cfg, model: torch.nn.Module) -> List[Dict]:
+    """One optimizer group per trainable parameter: params, lr, weight_decay, name, kind."""
     s = cfg.SOLVER
-    backbone_ids = {id(p) for p in model.backbone_parameters()}
+    tower = {id(p) for p in model.backbone_tower_parameters()}
+    lrs = {"backbone": s.BACKBONE_LR, "backbone_bias": s.BACKBONE_LR * s.BIAS_LR_FACTOR,
+           "bias": s.BASE_LR * s.BIAS_LR_FACTOR, "base": s.BASE_LR}
     groups = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        lr = s.BACKBONE_LR if id(param) in backbone_ids else s.BASE_LR
-        weight_decay = s.WEIGHT_DECAY
-        if name.endswith(".bias") or param.ndim <= 1:
-            lr *= s.BIAS_LR_FACTOR
-            weight_decay = s.WEIGHT_DECAY_BIAS
-        groups.append({"params": [param], "lr": lr, "weight_decay": weight_decay, "name": name})
+        bias = _is_bias(s.PARAM_GROUPS, name, param)
+        if id(param) in tower:  # DeMo: the tower's rate wins over the bias rule
+            kind = "backbone_bias" if bias and s.PARAM_GROUPS == "ndim" else "backbone"
+        else:
+            kind = "bias" if bias else "base"
+        groups.append({"params": [param], "lr": lrs[kind], "name": name, "kind": kind,
+                       "weight_decay": s.WEIGHT_DECAY_BIAS if bias else s.WEIGHT_DECAY})
+    return groups
+
+
+def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    s = cfg.SOLVER
+    groups = build_param_groups(cfg, model)
     if s.OPTIMIZER == "SGD":
         return torch.optim.SGD(groups, momentum=s.MOMENTUM)
     if s.OPTIMIZER == "AdamW":
@@ -30,21 +60,38 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups)
 
 
-def lr_factor(epoch: int, max_epochs: int, warmup_epochs: int, warmup_factor: float,
-              min_factor: float) -> float:
-    """Multiplier of the base lr during ``epoch`` (0-based)."""
-    if epoch < warmup_epochs:
-        alpha = epoch / warmup_epochs
-        return warmup_factor * (1 - alpha) + alpha
-    span = max(1, max_epochs - warmup_epochs)
-    progress = min(1.0, (epoch - warmup_epochs) / span)
-    return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+def build_scheduler(cfg, optimizer: torch.optim.Optimizer) -> CosineLRScheduler:
+    """timm's CosineLRScheduler with the config's arguments (see the module docstring).
 
-
-def build_scheduler(cfg, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-epoch LambdaLR (call ``step()`` once at the end of each epoch)."""
+    For DeMo's recipe (BASE_LR 3.5e-4, 50 epochs, 10 warm-up) this is exactly DeMo's
+    ``CosineLRScheduler(t_initial=50, lr_min=3.5e-7, warmup_t=10, warmup_lr_init=3.5e-5,
+    cycle_limit=1, noise_range_t=(0, 50), noise_pct=0.67, noise_std=1.0, noise_seed=42)``.
+    """
     s = cfg.SOLVER
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda epoch: lr_factor(epoch, s.MAX_EPOCHS, s.WARMUP_EPOCHS, s.WARMUP_FACTOR, s.MIN_LR_FACTOR),
-    )
+    if s.SCHEDULE_RELATIVE:  # timm multiplies every scheduled value by the group's lr_scale
+        for group in optimizer.param_groups:
+            group["lr_scale"] = group["lr"] / s.BASE_LR
+            group["lr"] = s.BASE_LR
+            group.pop("initial_lr", None)
+    t_initial = s.MAX_EPOCHS - s.WARMUP_EPOCHS if s.WARMUP_PREFIX else s.MAX_EPOCHS
+    return CosineLRScheduler(
+        optimizer, t_initial=max(1, t_initial), lr_min=s.MIN_LR_FACTOR * s.BASE_LR,
+        warmup_t=s.WARMUP_EPOCHS, warmup_lr_init=s.WARMUP_FACTOR * s.BASE_LR,
+        warmup_prefix=s.WARMUP_PREFIX, cycle_limit=1, t_in_epochs=True,
+        noise_range_t=(0, s.MAX_EPOCHS) if s.LR_NOISE > 0 else None, noise_pct=s.LR_NOISE,
+        noise_std=s.LR_NOISE_STD, noise_seed=s.LR_NOISE_SEED)
+
+
+def set_epoch_lr(scheduler: CosineLRScheduler, epoch: int) -> None:
+    """Set every group's lr for training epoch ``epoch`` (0-based loop index; the schedule sees
+    ``epoch + 1``, as DeMo steps it before each epoch numbered from 1). A pure function of the
+    epoch, so a resumed run needs no scheduler state."""
+    scheduler.step(epoch + 1)
+
+
+def lr_by_kind(optimizer: torch.optim.Optimizer) -> Dict[str, float]:
+    """The lr of each group kind (``backbone``, ``bias``, ...) currently set, first group of each."""
+    out: Dict[str, float] = {}
+    for group in optimizer.param_groups:
+        out.setdefault(group.get("kind", group.get("name", "group")), group["lr"])
+    return out

@@ -195,6 +195,25 @@ def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path, synthetic_root, 
     assert not output.exists()
 
 
+def test_a_row_may_name_its_own_config(tmp_path, synthetic_root, capsys):
+    """`config:` replaces the base for that row (the RGBNT201 grids run the write-up's four
+    configs so); its settings reach the planned run, and a missing file is a clear error."""
+    own = tmp_path / "own.yml"
+    own.write_text("_BASE_: " + os.path.join(ROOT, "configs", "Synthetic", "quickstart.yml")
+                   + "\nMODEL:\n  SDTPS:\n    ENABLED: True\n")
+    rows = [{"name": "base_row"}, {"name": "own_row", "config": str(own)}]
+    grid = write_grid(tmp_path / "g.yml", rows, tiny_grid_opts(synthetic_root), seeds=(1,))
+    runs = ablate.plan_runs(ablate.load_grid(grid), str(tmp_path / "out"))
+    by_row = {run.row.name: run for run in runs}
+    assert by_row["own_row"].config["MODEL.SDTPS.ENABLED"] is True
+    assert by_row["base_row"].config["MODEL.SDTPS.ENABLED"] is False
+    assert by_row["own_row"].args[:2] == ["--config_file", str(own)]
+    missing = write_grid(tmp_path / "m.yml", [{"name": "x", "config": "no/such.yml"}],
+                         tiny_grid_opts(synthetic_root))
+    assert ablate.main(["--grid", missing, "--output", str(tmp_path / "o"), "--dry_run"]) == 2
+    assert "config not found: no/such.yml" in capsys.readouterr().err
+
+
 def test_unknown_config_key_fails_before_anything_runs(tmp_path, synthetic_root, capsys):
     rows = ROWS + [{"name": "typo", "opts": ["MODEL.SDTPS.GATE_NROM", True]}]
     grid = write_grid(tmp_path / "bad.yml", rows, tiny_grid_opts(synthetic_root))

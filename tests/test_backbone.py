@@ -4,6 +4,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from modeling.backbone import PretrainedWeightsError, ViTBackbone
 
@@ -36,9 +37,9 @@ def fake_clip_visual_state(seed=0):
     return sd
 
 
-def _backbone(path=""):
+def _backbone(path="", pos_embed_resize="bilinear"):
     return ViTBackbone(CLIP_NAME, (64, 32), (16, 16), num_cams=2, depth=LAYERS, proj_dim=OUT,
-                       pretrain_path=path)
+                       pretrain_path=path, pos_embed_resize=pos_embed_resize)
 
 
 def _check_clip_loaded(backbone, sd):
@@ -80,6 +81,22 @@ def test_clip_torchscript_archive(tmp_path):
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(torch.jit.trace(archive, torch.zeros(1)), str(path))
     _check_clip_loaded(_backbone(str(path)), sd)
+
+
+def test_clip_position_embedding_resize(tmp_path):
+    """bilinear (DeMo's resize_pos_embed: the 14x14 grid through F.interpolate(mode="bilinear"),
+    no antialias) and bicubic (timm's default, antialiased) each equal their formula, and differ
+    from each other on this 14x14 -> 4x2 downsampling (so the test can tell them apart)."""
+    sd = fake_clip_visual_state(2)
+    path = tmp_path / "clip_state.pth"
+    torch.save(sd, path)
+    grid = sd["visual.positional_embedding"][1:].reshape(1, 14, 14, WIDTH).permute(0, 3, 1, 2)
+    refs = {"bilinear": F.interpolate(grid, size=(4, 2), mode="bilinear"),
+            "bicubic": F.interpolate(grid, size=(4, 2), mode="bicubic", antialias=True)}
+    for mode, ref in refs.items():
+        loaded = _backbone(str(path), mode).vit.pos_embed[0, 1:]
+        assert torch.allclose(loaded, ref.permute(0, 2, 3, 1).reshape(8, WIDTH), atol=1e-6), mode
+    assert not torch.allclose(refs["bilinear"], refs["bicubic"], atol=1e-3)
 
 
 def test_timm_state_dict_round_trip(tmp_path):

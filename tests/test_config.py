@@ -38,6 +38,26 @@ def test_flags_are_booleans():
         build_cfg("", ["MODEL.SDTPS.GATE_NORM", "yes"])
 
 
+def test_gate_norm_choices_and_legacy_booleans(tmp_path):
+    """GATE_NORM is none | patches | heads; the earlier False / True still mean none / patches, in
+    a file and on the command line (catches old configs and grids breaking)."""
+    assert build_cfg("", ["MODEL.SDTPS.GATE_NORM", "heads"]).MODEL.SDTPS.GATE_NORM == "heads"
+    assert build_cfg("", ["MODEL.SDTPS.GATE_NORM", "True"]).MODEL.SDTPS.GATE_NORM == "patches"
+    assert build_cfg("", ["MODEL.SDTPS.GATE_NORM", "False"]).MODEL.SDTPS.GATE_NORM == "none"
+    path = tmp_path / "old.yml"
+    path.write_text("MODEL:\n  SDTPS:\n    GATE_NORM: True\n")
+    assert build_cfg(str(path)).MODEL.SDTPS.GATE_NORM == "patches"
+
+
+def test_retrieval_features_need_their_heads():
+    with pytest.raises(ConfigError, match="TEST.REPORT_FEATS fused needs MODEL.SDTPS.ENABLED"):
+        build_cfg("", ["TEST.REPORT_FEATS", "['ori', 'fused']"])
+    with pytest.raises(ConfigError, match="TEST.FEAT hdm needs MODEL.HDM.ENABLED"):
+        build_cfg("", ["TEST.FEAT", "hdm"])
+    with pytest.raises(ConfigError, match="INPUT.RE_AREA"):
+        build_cfg("", ["INPUT.RE_AREA", "[0.4, 0.2]"])
+
+
 def test_odd_number_of_opts():
     with pytest.raises(ConfigError, match="KEY VALUE pairs"):
         build_cfg("", ["SOLVER.MAX_EPOCHS"])

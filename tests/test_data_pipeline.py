@@ -1,13 +1,16 @@
 """Identity sampler, shard sampler, tri-modal transforms and the validation split."""
+import random
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from data.build import split_validation
+from data.build import build_data, split_validation
 from data.datasets import Sample
 from data.samplers import RandomIdentitySampler, ShardSampler
-from data.transforms import TriModalTrainTransform
+from data.transforms import TriModalTrainTransform, pil_triplet_to_tensor
 
 
 def _pids(num_ids=10, per_id=7):
@@ -87,6 +90,49 @@ def test_independent_augmentation_can_misalign():
         out = transform(_aligned_sample())
         differs += int(not torch.equal(out[0], out[1]))
     assert differs > 0
+
+
+@pytest.mark.parametrize("area", [(0.02, 1 / 3), (0.02, 0.4)])
+def test_random_erasing_draws_one_box_per_modality(area):
+    """DeMo's erasing (timm's RandomErasing): with p 1 each modality gets one rectangle of its own
+    covering area[0]..area[1] of the image, filled with N(0, 1) pixels (catches the old fixed 0.4
+    maximum, a box shared by the modalities, a constant fill)."""
+    h, w = 256, 128
+    x = torch.full((3, 3, h, w), 0.5)  # normalises to exactly 0
+    transform = TriModalTrainTransform(0.0, 0, 1.0, [0.5] * 3, [0.5] * 3, sync=False, re_area=area)
+    random.seed(0)
+    torch.manual_seed(0)
+    shares, shared_boxes, values = [], 0, []
+    for _ in range(200):
+        out = transform(x.clone())
+        erased = out.ne(0).all(dim=1)  # (3, H, W)
+        for m in range(3):
+            rows, cols = erased[m].any(1).nonzero(), erased[m].any(0).nonzero()
+            box = erased[m, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+            assert box.all()  # one rectangle
+            shares.append(erased[m].float().mean().item())
+        shared_boxes += int(torch.equal(erased[0], erased[1]))
+        values.append(out[0][:, erased[0]].flatten())
+    slack = 0.01  # box sides are rounded to whole pixels
+    assert area[0] - slack <= min(shares) and max(shares) <= area[1] + slack
+    assert max(shares) > area[1] - 0.03  # the top of the range is reached
+    assert shared_boxes == 0
+    values = torch.cat(values)
+    assert abs(values.mean().item()) < 0.02 and values.std().item() == pytest.approx(1.0, abs=0.02)
+
+
+def test_training_resize_uses_the_configured_interpolation(tiny_cfg):
+    """INPUT.TRAIN_INTERPOLATION reaches the training images (DeMo: bicubic); test images stay
+    bilinear."""
+    data = build_data(tiny_cfg("INPUT.TRAIN_INTERPOLATION", "bicubic"))
+    assert data.train_loader.dataset.interpolation == "bicubic"
+    assert data.eval_sets["test"].loader.dataset.interpolation == "bilinear"
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (40, 20, 3), dtype=np.uint8))
+    bicubic = pil_triplet_to_tensor([img] * 3, (64, 32), "bicubic")
+    expected = torch.from_numpy(np.asarray(img.resize((32, 64), Image.BICUBIC)).copy())
+    assert torch.allclose(bicubic[0], expected.permute(2, 0, 1).float() / 255)
+    assert not torch.allclose(bicubic, pil_triplet_to_tensor([img] * 3, (64, 32), "bilinear"))
 
 
 def test_validation_split_carves_whole_identities():

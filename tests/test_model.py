@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from modeling.model import build_model, retrieval_feature
 
@@ -53,8 +54,27 @@ def test_output_shapes_for_each_switch_combination(tiny_cfg, combo):
     model.eval()
     out = model(torch.randn(b, 3, 3, 64, 32), torch.tensor([0, 1, 2, 3]))
     assert retrieval_feature(out, "ori", "before").shape == (b, 3 * c)
-    concat_dim = 3 * c + (7 * c if atmoe else 0) + (3 * c if (sdtps or dgaf) else 0)
+    concat_dim = 3 * c + (7 * c if hdm else 0) + (3 * c if (sdtps or dgaf) else 0)
     assert retrieval_feature(out, "concat", "after").shape == (b, concat_dim)
+
+
+def test_concat_is_every_head_raw_or_normalised_per_part(tiny_cfg):
+    """DeMo's row C (PIFE + HDM, no ATMoE) retrieves with [ori, HDM] (catches the hdm head dropped
+    from concat); FEAT_NORM once joins the raw pre-BN parts (DeMo), per_part normalises each."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(*_opts(True, True, False, False, False, True)), 5, 4).eval()
+    out = model(torch.randn(3, 3, 3, 64, 32), torch.tensor([0, 1, 2]))
+    ori, hdm = out["heads"]["ori"][0], out["heads"]["hdm"][0]
+    assert torch.equal(retrieval_feature(out, "concat", "before", "once"), torch.cat([ori, hdm], 1))
+    per_part = retrieval_feature(out, "concat", "before", "per_part")
+    assert torch.allclose(per_part, torch.cat([F.normalize(ori, dim=1), F.normalize(hdm, dim=1)], 1))
+    assert torch.equal(retrieval_feature(out, "hdm", "before"), hdm)
+    model = build_model(tiny_cfg(*_opts(True, True, True, True, False, True)), 5, 4).eval()
+    out = model(torch.randn(3, 3, 3, 64, 32), torch.tensor([0, 1, 2]))
+    heads = {k: v[0] for k, v in out["heads"].items()}
+    assert torch.equal(retrieval_feature(out, "ori+moe", "before"), torch.cat([heads["ori"], heads["moe"]], 1))
+    assert torch.equal(retrieval_feature(out, "concat", "before"),
+                       torch.cat([heads["ori"], heads["moe"], heads["fused"]], 1))
 
 
 def test_missing_head_for_feature_is_a_clear_error(tiny_cfg):

@@ -14,6 +14,8 @@ A grid file (yaml) names a base config, common overrides, the rows and the seeds
       - name: gate_1.0_0.0
         init_scale: 1.0                       # train_net.py --init_scale
         init_bias: 0.0                        # train_net.py --init_bias
+      - name: dgaf
+        config: configs/RGBNT201/DeMo_DGAF_ablation.yml   # this row's config instead of base
 
 (An optional ``description:`` string is allowed at the top and in each row.)
 
@@ -40,7 +42,11 @@ Results go to ``<output>/results.csv`` and ``<output>/results.md``, one line per
   on the TEST split, (a) at the last epoch and (b) at the epoch selected on the VALIDATION split
   (``best`` of summary.json with ``split == "val"``). When any seed's best was chosen on the test
   split (no DATASETS.VAL_IDS), the best columns say ``n/a``: a test-selected best is optimistic
-  and is not reported. With a single finished seed the std is ``n/a`` (undefined for ddof=1).
+  and is not reported there.
+* for comparison with published tables only, (c) the paper's protocol: the test metrics of the
+  epoch with the highest test mAP (summary.json's ``best_test_paper_protocol``), in its own,
+  labelled section (``paper_*`` columns of results.csv).
+  With a single finished seed the std is ``n/a`` (undefined for ddof=1).
 * ``params_M``: parameters of the built model (``utils.model_size.count_parameters`` on the
   meta device, from the run's config.yaml and its dataset's identity/camera counts; falls back to
   the 2-decimal count logged by train_net.py when the dataset is not readable here);
@@ -85,7 +91,7 @@ FG_METRICS = ("fg_precision", "fg_share", "fg_best")
 STAMP = "ablate_run.json"
 RUN_LOG = "stdout.log"
 GRID_KEYS = {"base", "opts", "rows", "seeds", "description"}
-ROW_KEYS = {"name", "opts", "init_scale", "init_bias", "description"}
+ROW_KEYS = {"name", "config", "opts", "init_scale", "init_bias", "description"}
 # Keys the tool sets per run; a grid may not set them.
 RESERVED_KEYS = {"OUTPUT_DIR": "the run folder is <output>/<row>/seed<k>",
                  "SOLVER.SEED": "seeds come from the grid's `seeds` (or --seeds)"}
@@ -104,6 +110,7 @@ class Row:
     opts: List[str] = field(default_factory=list)
     init_scale: Optional[float] = None
     init_bias: Optional[float] = None
+    config: Optional[str] = None  # resolved path of the row's own config file (else the base)
 
 
 @dataclass
@@ -154,14 +161,15 @@ def _optional_float(row: dict, key: str, where: str) -> Optional[float]:
 
 
 def resolve_base(base: str, grid_path: str) -> str:
-    """The base config path: absolute, or relative to the working directory, else to the repo."""
+    """A config path of the grid (its base, a row's config): absolute, or relative to the
+    working directory, else to the repo."""
     if os.path.isabs(base):
         return base
     for folder in (os.getcwd(), ROOT):
         candidate = os.path.join(folder, base)
         if os.path.isfile(candidate):
             return os.path.abspath(candidate)
-    raise GridError(f"{grid_path}: base config not found: {base} (looked in {os.getcwd()} and {ROOT})")
+    raise GridError(f"{grid_path}: config not found: {base} (looked in {os.getcwd()} and {ROOT})")
 
 
 def load_grid(path: str, seeds: Optional[List[int]] = None) -> Grid:
@@ -204,7 +212,8 @@ def load_grid(path: str, seeds: Optional[List[int]] = None) -> Grid:
                             f"allowed: {', '.join(sorted(ROW_KEYS))}")
         rows.append(Row(name, _opts_list(row.get("opts"), where),
                         _optional_float(row, "init_scale", where),
-                        _optional_float(row, "init_bias", where)))
+                        _optional_float(row, "init_bias", where),
+                        resolve_base(str(row["config"]), where) if row.get("config") else None))
     if seeds is None:
         seeds = content.get("seeds")
         if seeds is None:
@@ -267,7 +276,7 @@ class Run:
 
 
 def run_args(grid: Grid, row: Row, seed: int, folder: str) -> List[str]:
-    args = ["--config_file", grid.base_path]
+    args = ["--config_file", row.config or grid.base_path]
     if row.init_scale is not None:
         args += ["--init_scale", repr(row.init_scale)]
     if row.init_bias is not None:
@@ -284,7 +293,7 @@ def plan_runs(grid: Grid, output: str) -> List[Run]:
             args = run_args(grid, row, seed, folder)
             opts = grid.opts + row.opts + ["SOLVER.SEED", str(seed), "OUTPUT_DIR", folder]
             try:
-                cfg = build_cfg(grid.base_path, opts, row.init_scale, row.init_bias)
+                cfg = build_cfg(row.config or grid.base_path, opts, row.init_scale, row.init_bias)
             except (ConfigError, FileNotFoundError, ValueError) as exc:
                 errors.append(f"row {row.name!r}: {exc}")
                 break  # one message per row is enough
@@ -505,7 +514,7 @@ def aggregate(grid: Grid, runs: List[Run], with_params: bool = True) -> List[dic
     """One dict per row: the mean/std columns of results.csv (fractions; None = n/a)."""
     table = []
     for row in grid.rows:
-        lasts, bests, best_epochs, seconds, seeds, missing = [], [], [], [], [], []
+        lasts, bests, best_epochs, seconds, seeds, missing, papers = [], [], [], [], [], [], []
         all_val, resumed, params = True, False, None
         for run in runs:
             if run.row.name != row.name:
@@ -515,6 +524,9 @@ def aggregate(grid: Grid, runs: List[Run], with_params: bool = True) -> List[dic
                 missing.append(run.seed)
                 continue
             last, best, best_epoch = run_metrics(summary)
+            paper = summary.get("best_test_paper_protocol") or {}
+            if paper.get("metrics"):
+                papers.append(paper["metrics"])
             seeds.append(run.seed)
             lasts.append(last)
             seconds.append(float(summary.get("train_seconds", float("nan"))))
@@ -535,6 +547,9 @@ def aggregate(grid: Grid, runs: List[Run], with_params: bool = True) -> List[dic
         for key in METRICS:
             stats = _mean_std([m[key] for m in bests]) if val_ok else (None, None)
             line[f"best_{key}_mean"], line[f"best_{key}_std"] = stats
+        for key in METRICS:
+            stats = _mean_std([m[key] for m in papers]) if len(papers) == len(lasts) else (None, None)
+            line[f"paper_{key}_mean"], line[f"paper_{key}_std"] = stats
         for key in FG_METRICS:
             values = [m[key] for m in lasts if key in m]
             stats = _mean_std(values) if values and len(values) == len(lasts) else (None, None)
@@ -551,6 +566,7 @@ def aggregate(grid: Grid, runs: List[Run], with_params: bool = True) -> List[dic
 CSV_COLUMNS = (["row", "seeds", "seed_list", "missing_seeds"]
                + [f"{k}_{s}" for k in METRICS for s in ("mean", "std")]
                + [f"best_{k}_{s}" for k in METRICS for s in ("mean", "std")]
+               + [f"paper_{k}_{s}" for k in METRICS for s in ("mean", "std")]
                + [f"{k}_{s}" for k in FG_METRICS for s in ("mean", "std")]
                + ["best_epoch_mean", "best_selected_on", "params_M", "train_seconds_mean", "resumed"])
 
@@ -613,6 +629,12 @@ def write_results(grid: Grid, table: List[dict], output: str, command: str) -> N
         cells = [_pct(line[f"best_{k}_mean"], line[f"best_{k}_std"]) for k in METRICS]
         epoch = NA if line["best_epoch_mean"] is None else f"{line['best_epoch_mean']:.1f}"
         md.append(f"| {line['row']} | {line['seeds']} | {epoch} | " + " | ".join(cells) + " |")
+    md += ["", ("## Best test epoch (the paper's protocol: the epoch with the highest test mAP, "
+                "selected on the test split; optimistic, for comparison with published tables only)"),
+           "", "| row | seeds | mAP | R1 | R5 | R10 | mINP |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for line in table:
+        cells = [_pct(line[f"paper_{k}_mean"], line[f"paper_{k}_std"]) for k in METRICS]
+        md.append(f"| {line['row']} | {line['seeds']} | " + " | ".join(cells) + " |")
     if any(line["fg_precision_mean"] is not None for line in table):
         md += ["", "## Kept-token foreground precision (last epoch, test split)", "",
                ("Share of the kept patches on the person (at least half of their pixels on the "

@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from config import build_cfg  # noqa: E402
 from data.datasets import BadImageError, read_triplet  # noqa: E402
-from engine.evaluator import extract, split_query_gallery  # noqa: E402
+from engine.evaluator import extract_with_cfg, split_query_gallery  # noqa: E402
 from test_net import load_trained  # noqa: E402
 from utils.metrics import compute_distance, junk_mask  # noqa: E402
 from utils.visualization import (CORRECT, LIGHT_GRAY, MID_GRAY, QUERY, WRONG, GridLayout,  # noqa: E402
@@ -178,8 +178,7 @@ def main(argv=None) -> dict:
     if cfg.TEST.MISS == "all":
         raise ValueError("TEST.MISS all is a table of settings; pick one (none, r, n, t, rn, rt, nt)")
     test_set = data.eval_sets["test"]
-    ex = extract(model, test_set, device, cfg.TEST.FEAT, cfg.TEST.NECK_FEAT, cfg.TEST.MISS,
-                 cfg.TEST.FLIP, cfg.SOLVER.AMP)
+    ex = extract_with_cfg(model, test_set, cfg, device)
     q, g = split_query_gallery(ex, test_set)
     feats = F.normalize(ex["feats"], dim=1)
     distmat = compute_distance(feats[torch.from_numpy(q)], feats[torch.from_numpy(g)],
