@@ -10,7 +10,7 @@ import sys
 from config import default_argument_parser
 from data.build import build_data
 from engine.defaults import default_setup, select_device
-from engine.evaluator import (MISS_TO_MODALITIES, export_features, extract_with_cfg,
+from engine.evaluator import (MISS_TO_MODALITIES, RANK_KEYS, export_features, extract_with_cfg,
                               format_metrics, score_extracted)
 from modeling.model import build_model
 from utils.checkpoint import extract_model_state, load_checkpoint_file, load_model_weights
@@ -54,7 +54,7 @@ def missing_modality_table(rows) -> str:
                      f"{m['R5'] * 100:.2f} | {m['R10'] * 100:.2f} | {m['mINP'] * 100:.2f} |")
     missing = [m for miss, m in rows if miss != "none"]
     if missing:
-        avg = {k: sum(m[k] for m in missing) / len(missing) for k in ("mAP", "R1", "R5", "R10", "mINP")}
+        avg = {k: sum(m[k] for m in missing) / len(missing) for k in RANK_KEYS}
         lines.append(f"| average of missing settings | {avg['mAP'] * 100:.2f} | {avg['R1'] * 100:.2f} | "
                      f"{avg['R5'] * 100:.2f} | {avg['R10'] * 100:.2f} | {avg['mINP'] * 100:.2f} |")
     return "\n".join(lines)

@@ -20,6 +20,9 @@ from modeling.model import retrieval_feature
 from utils.dist import all_gather_tensor
 from utils.metrics import compute_distance, evaluate_rank, random_ranking_map
 
+# The retrieval metrics of rank_metrics that every report shows.
+RANK_KEYS = ("mAP", "R1", "R5", "R10", "mINP")
+
 MISS_TO_MODALITIES = {"none": (), "r": (0,), "n": (1,), "t": (2,), "rn": (0, 1), "rt": (0, 2),
                       "nt": (1, 2)}
 
@@ -163,12 +166,9 @@ def score_extracted(extracted: Dict, eval_set, cfg) -> Dict:
     if extracted["extra_feats"] or cfg.TEST.REPORT_FEATS:
         metrics["by_feat"] = {}
         for name in cfg.TEST.REPORT_FEATS:
-            if name == cfg.TEST.FEAT:
-                metrics["by_feat"][name] = {k: metrics[k] for k in ("mAP", "R1", "R5", "R10", "mINP")}
-                continue
-            other = rank_metrics({**extracted, "feats": extracted["extra_feats"][name]}, eval_set,
-                                 cfg.TEST.DIST, reranker)
-            metrics["by_feat"][name] = {k: other[k] for k in ("mAP", "R1", "R5", "R10", "mINP")}
+            other = metrics if name == cfg.TEST.FEAT else rank_metrics(
+                {**extracted, "feats": extracted["extra_feats"][name]}, eval_set, cfg.TEST.DIST, reranker)
+            metrics["by_feat"][name] = {k: other[k] for k in RANK_KEYS}
     return metrics
 
 
