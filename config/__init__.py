@@ -100,6 +100,8 @@ def validate_cfg(cfg: CfgNode) -> None:
         raise ConfigError(f"INPUT.RE_AREA must be [min, max] with 0 < min <= max <= 1, got {area}")
     if not 0.0 <= cfg.SOLVER.LR_NOISE < 1.0:
         raise ConfigError(f"SOLVER.LR_NOISE must be in [0, 1), got {cfg.SOLVER.LR_NOISE}")
+    if cfg.SOLVER.SCHEDULE_START not in (0, 1):
+        raise ConfigError(f"SOLVER.SCHEDULE_START must be 0 or 1, got {cfg.SOLVER.SCHEDULE_START}")
     if cfg.SOLVER.WARMUP_EPOCHS < 0:
         raise ConfigError(f"SOLVER.WARMUP_EPOCHS must be >= 0, got {cfg.SOLVER.WARMUP_EPOCHS}")
     if not 0.0 < cfg.MODEL.SDTPS.SPARSE_RATIO <= 1.0:

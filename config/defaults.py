@@ -211,6 +211,9 @@ _C.SOLVER.MIN_LR_FACTOR = 0.001
 _C.SOLVER.SCHEDULE_RELATIVE = False
 # Start the cosine after the warm-up (False: DeMo's, cosine over epoch / MAX_EPOCHS from epoch 1).
 _C.SOLVER.WARMUP_PREFIX = False
+# Schedule position t of the first epoch (epoch e runs at t = e - 1 + SCHEDULE_START). DeMo: 1,
+# so the warm-up's start value is never used; 0: the first epoch runs at WARMUP_FACTOR x lr.
+_C.SOLVER.SCHEDULE_START = 1
 # Per-epoch lr noise: lr x (1 + n), n ~ N(0, LR_NOISE_STD) redrawn until |n| < LR_NOISE (0 = off).
 _C.SOLVER.LR_NOISE = 0.67
 # Standard deviation of the lr noise.

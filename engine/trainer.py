@@ -319,7 +319,7 @@ class Trainer:
 
     def set_lr(self, epoch: int) -> None:
         """Set the epoch's learning rates (before its first iteration) and log one per group kind."""
-        set_epoch_lr(self.scheduler, epoch)
+        set_epoch_lr(self.scheduler, epoch, self.cfg.SOLVER.SCHEDULE_START)
         lrs = lr_by_kind(self.optimizer)
         self.logger.info("epoch %d lr: %s", epoch + 1,
                          ", ".join(f"{kind} {lr:.6e}" for kind, lr in lrs.items()))

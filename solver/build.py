@@ -11,12 +11,14 @@ decay (``SOLVER.PARAM_GROUPS``):
 * ``ndim``: biases and every other 1-d parameter (norm weights, gate scales) are "biases", in the
   tower too: ``x BIAS_LR_FACTOR`` of their part's lr, with ``WEIGHT_DECAY_BIAS``.
 
-Schedule: timm's ``CosineLRScheduler``, stepped once per epoch BEFORE the epoch with the 1-based
-epoch number (DeMo's convention; :func:`set_epoch_lr`). Warm-up from ``WARMUP_FACTOR x BASE_LR``
-over ``WARMUP_EPOCHS``, cosine down to ``MIN_LR_FACTOR x BASE_LR``, per-epoch multiplicative noise
-``1 + n`` (``|n| < LR_NOISE``, seeded ``LR_NOISE_SEED + epoch``). With ``SCHEDULE_RELATIVE`` the
-warm-up start and the floor scale with each group's own lr (timm's ``lr_scale``); with
-``WARMUP_PREFIX`` the cosine starts after the warm-up instead of running over the whole run.
+Schedule: timm's ``CosineLRScheduler``, stepped once per epoch BEFORE the epoch, at position
+``t = epoch + SCHEDULE_START`` for the 0-based epoch (DeMo's convention is ``SCHEDULE_START 1``:
+t is the 1-based epoch number; :func:`set_epoch_lr`). Warm-up from ``WARMUP_FACTOR x BASE_LR``
+at t = 0 over ``WARMUP_EPOCHS``, cosine down to ``MIN_LR_FACTOR x BASE_LR``, per-epoch
+multiplicative noise ``1 + n`` (``|n| < LR_NOISE``, seeded ``LR_NOISE_SEED + t``). With
+``SCHEDULE_RELATIVE`` the warm-up start and the floor scale with each group's own lr (timm's
+``lr_scale``); with ``WARMUP_PREFIX`` the cosine starts after the warm-up instead of running over
+the whole run.
 """
 from typing import Dict, List
 
@@ -73,6 +75,8 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer) -> CosineLRScheduler:
             group["lr_scale"] = group["lr"] / s.BASE_LR
             group["lr"] = s.BASE_LR
             group.pop("initial_lr", None)
+    # the cosine ends (at the floor) at t = MAX_EPOCHS: DeMo's last epoch; one epoch after the
+    # run with SCHEDULE_START 0
     t_initial = s.MAX_EPOCHS - s.WARMUP_EPOCHS if s.WARMUP_PREFIX else s.MAX_EPOCHS
     return CosineLRScheduler(
         optimizer, t_initial=max(1, t_initial), lr_min=s.MIN_LR_FACTOR * s.BASE_LR,
@@ -82,11 +86,11 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer) -> CosineLRScheduler:
         noise_std=s.LR_NOISE_STD, noise_seed=s.LR_NOISE_SEED)
 
 
-def set_epoch_lr(scheduler: CosineLRScheduler, epoch: int) -> None:
-    """Set every group's lr for training epoch ``epoch`` (0-based loop index; the schedule sees
-    ``epoch + 1``, as DeMo steps it before each epoch numbered from 1). A pure function of the
-    epoch, so a resumed run needs no scheduler state."""
-    scheduler.step(epoch + 1)
+def set_epoch_lr(scheduler: CosineLRScheduler, epoch: int, start: int) -> None:
+    """Set every group's lr for training epoch ``epoch`` (0-based loop index) at schedule position
+    ``epoch + start`` (``SOLVER.SCHEDULE_START``; DeMo steps before each epoch numbered from 1).
+    A pure function of the epoch, so a resumed run needs no scheduler state."""
+    scheduler.step(epoch + start)
 
 
 def lr_by_kind(optimizer: torch.optim.Optimizer) -> Dict[str, float]:

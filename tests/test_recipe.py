@@ -54,8 +54,8 @@ def test_demo_configs_carry_demos_recipe(path):
     assert (s.OPTIMIZER, s.BASE_LR, s.BACKBONE_LR, s.BIAS_LR_FACTOR, s.PARAM_GROUPS) == (
         "Adam", 3.5e-4, 5e-6, 2.0, "demo")
     assert (s.WEIGHT_DECAY, s.WEIGHT_DECAY_BIAS) == (1e-4, 1e-4)
-    assert (s.WARMUP_FACTOR, s.MIN_LR_FACTOR, s.SCHEDULE_RELATIVE, s.WARMUP_PREFIX) == (
-        0.1, 0.001, False, False)
+    assert (s.WARMUP_FACTOR, s.MIN_LR_FACTOR, s.SCHEDULE_RELATIVE, s.WARMUP_PREFIX,
+            s.SCHEDULE_START) == (0.1, 0.001, False, False, 1)
     assert (s.LR_NOISE, s.LR_NOISE_STD, s.LR_NOISE_SEED) == (0.67, 1.0, 42)
     assert s.AMP == "fp16" and s.EVAL_PERIOD == 1
     assert cfg.MODEL.ID_LOSS_WEIGHT == 0.25 and cfg.MODEL.LABEL_SMOOTH == 0.1

@@ -82,13 +82,15 @@ def test_lr_schedule_tool_reproduces_demo_on_every_epoch():
     assert by_param["heads.ori.classifier.weight"][1] == pytest.approx(2.34e-5, rel=1e-3)
 
 
-def test_relative_schedule_option(tiny_cfg):
-    """SCHEDULE_RELATIVE + WARMUP_PREFIX without noise: warm-up from WARMUP_FACTOR x each group's
-    own lr and a floor of MIN_LR_FACTOR x it, cosine after the warm-up (catches lr_scale ignored
-    or the prefix dropped)."""
+def test_relative_schedule_options(tiny_cfg):
+    """SCHEDULE_RELATIVE + WARMUP_PREFIX + SCHEDULE_START 0 without noise is the earlier schedule
+    (the quick start's): the first epoch at WARMUP_FACTOR x each group's own lr, linear warm-up,
+    then a cosine over the remaining epochs towards MIN_LR_FACTOR x the group's lr (catches
+    lr_scale ignored, the prefix dropped, or the start position ignored)."""
     cfg = tiny_cfg("SOLVER.SCHEDULE_RELATIVE", "True", "SOLVER.WARMUP_PREFIX", "True",
-                   "SOLVER.LR_NOISE", "0.0", "SOLVER.MAX_EPOCHS", "10", "SOLVER.WARMUP_EPOCHS", "4",
-                   "SOLVER.WARMUP_FACTOR", "0.01", "SOLVER.MIN_LR_FACTOR", "0.002")
+                   "SOLVER.SCHEDULE_START", "0", "SOLVER.LR_NOISE", "0.0", "SOLVER.MAX_EPOCHS", "10",
+                   "SOLVER.WARMUP_EPOCHS", "4", "SOLVER.WARMUP_FACTOR", "0.01",
+                   "SOLVER.MIN_LR_FACTOR", "0.002")
     model = build_model(cfg, num_classes=5, num_cams=4)
     opt = build_optimizer(cfg, model)
     sched = build_scheduler(cfg, opt)
@@ -96,14 +98,13 @@ def test_relative_schedule_option(tiny_cfg):
                "heads.ori.classifier.weight": cfg.SOLVER.BASE_LR}
     groups = {g["name"]: g for g in opt.param_groups}
     for epoch in range(10):
-        set_epoch_lr(sched, epoch)
-        t = epoch + 1
+        set_epoch_lr(sched, epoch, cfg.SOLVER.SCHEDULE_START)
+        if epoch < 4:
+            factor = 0.01 + epoch * (1 - 0.01) / 4
+        else:
+            factor = 0.002 + 0.5 * (1 - 0.002) * (1 + math.cos(math.pi * (epoch - 4) / 6))
         for name, base in name_lr.items():
-            if t < 4:
-                factor = 0.01 + t * (1 - 0.01) / 4
-            else:
-                factor = 0.002 + 0.5 * (1 - 0.002) * (1 + math.cos(math.pi * (t - 4) / 6))
-            assert groups[name]["lr"] == pytest.approx(base * factor, rel=1e-9), (name, t)
+            assert groups[name]["lr"] == pytest.approx(base * factor, rel=1e-9), (name, epoch)
 
 
 @pytest.mark.parametrize("rule", ["demo", "ndim"])

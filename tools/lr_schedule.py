@@ -40,7 +40,7 @@ def schedule_rows(cfg) -> List[Tuple[int, str, str, float, float]]:
     scheduler = build_scheduler(cfg, optimizer)
     rows = []
     for epoch in range(cfg.SOLVER.MAX_EPOCHS):
-        set_epoch_lr(scheduler, epoch)
+        set_epoch_lr(scheduler, epoch, cfg.SOLVER.SCHEDULE_START)
         for group in optimizer.param_groups:
             rows.append((epoch + 1, group["name"], group["kind"], group["lr"], group["weight_decay"]))
     return rows
