@@ -1,35 +1,16 @@
 """Retrieval metrics for person / vehicle re-identification.
 
-Two public functions:
+* :func:`compute_distance` -- qf (Q, D), gf (G, D) -> distances (Q, G) torch.Tensor,
+  smaller = more similar.
+* :func:`evaluate_rank` -- distmat (Q, G) + identity / camera (optionally scene) labels ->
+  (cmc (max_rank,), mAP, mINP).
+* :func:`junk_mask` -- the junk rule of :func:`evaluate_rank`.
+* :func:`random_ranking_map` -- expected mAP of a random ranking (chance level).
 
-* :func:`compute_distance` -- pairwise distance matrix between query features
-  ``qf`` of shape ``(Q, D)`` and gallery features ``gf`` of shape ``(G, D)``;
-  returns a ``torch.Tensor`` of shape ``(Q, G)`` (smaller = more similar).
-* :func:`evaluate_rank` -- CMC curve, mAP and mINP from a ``(Q, G)`` distance
-  matrix plus the identity / camera (and optionally scene) labels of the
-  ``Q`` queries and ``G`` gallery items.
-
-How :func:`evaluate_rank` avoids a per-row ``argsort``
-------------------------------------------------------
-The metrics only depend on the ranks of the gallery items that share the
-query's identity (the positives and the "junk" items); every other gallery
-item is a valid negative.  For each query row we therefore
-
-1. sort the *values* of the row (``np.sort``, several times cheaper than
-   ``np.argsort`` and run on a few threads, one chunk of query rows per task);
-2. binary-search the distance of each same-identity item in its sorted row
-   (a row-wise binary search vectorised over the whole chunk): this gives the
-   number of items with a strictly smaller distance, and the next sorted value
-   tells whether any *other* item has exactly the same distance;
-3. for those (rare) exactly-tied items only, add the number of equal-distance
-   items with a smaller gallery index, counted by a vectorised comparison over
-   the row.  This gives the exact position of the item in a STABLE sort;
-4. sort the few same-identity items of each row by that position and drop the
-   junk ones, which yields each positive's rank among the valid (non-junk)
-   gallery items, from which AP, CMC and INP follow in closed form.
-
-Everything is vectorised over a chunk of queries; there is no Python loop
-per query.
+:func:`evaluate_rank` does not argsort the rows: it sorts each row's values, binary-searches
+the distances of the query's same-identity items to get their exact positions in a stable
+sort, drops the junk items and computes AP / CMC / INP in closed form, vectorised over chunks
+of queries (no Python loop per query).  Step by step: docs/modules.md.
 """
 
 from __future__ import annotations

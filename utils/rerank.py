@@ -1,7 +1,8 @@
 """k-reciprocal re-ranking (Zhong et al., "Re-ranking Person Re-identification
 with k-reciprocal Encoding", CVPR 2017) as a chunked, vectorised torch routine.
 
-See :func:`re_ranking` for the exact behaviour and the memory figures.
+See :func:`re_ranking` for the exact behaviour and memory bounds; measured speed and
+memory: docs/modules.md.
 """
 
 import torch
@@ -120,27 +121,20 @@ def re_ranking(q_feat, g_feat, k1=20, k2=6, lambda_value=0.3, chunk_size=1024):
        the non-zeros of the gallery rows of V.
     8. ``final = (1 - lambda) * jaccard + lambda * o``, query x gallery.
 
-    Nothing N x N is ever held: distances are computed once in
-    (chunk_size x N) blocks (keeping only the row maxima, the first
-    max(k1+1, k2) neighbours and the query x gallery part), the weights of
-    step 5 are recomputed from the features for just the expanded sets,
-    neighbour lists are N x (k1+1) integers, V is sparse (padded rows, then
-    CSR after step 6), and the Jaccard pass works on chunks of queries that
-    are also capped in (query non-zero, gallery posting) pairs, so a hub
-    column cannot blow up the working set.  Everything runs with torch ops on
-    the inputs' device; the only Python loops are over chunks.
-    Ties in distance (exact duplicate features) are broken by torch.topk and
-    may differ from numpy's argsort.
+    Memory: nothing N x N is held.  Distances are computed once, in
+    (chunk_size x N) blocks, keeping only the row maxima, the first
+    max(k1+1, k2) neighbours and the query x gallery part; the step-5
+    weights are recomputed from the features for the expanded sets only.
+    Held: N x max(k1+1, k2) neighbour indices, V sparse (padded rows of at
+    most (k1+1)(h+2) entries, CSR after step 6) and the (Q, G) result;
+    working sets are O(chunk_size * N) plus the expansion / Jaccard caps
+    above.  The Jaccard chunks are capped in (query non-zero, gallery
+    posting) pairs too, so a hub column cannot blow up the working set.
+    All torch ops on the inputs' device; the only Python loops are over
+    chunks.  Ties in distance (exact duplicate features) are broken by
+    torch.topk and may differ from numpy's argsort.
 
-    Peak memory measured for Q=2,000 x G=10,000 on CPU (L2-normalised random
-    float32 features, dim 512, k1=20, k2=6, chunk_size=1024, torch 2.14.1,
-    2-core machine; ``python bench/rerank_speed.py``): about 210-260 MiB of
-    resident memory above the level before the call, 76 MiB of which is the
-    (Q, G) float32 result; a single dense 12,000 x 12,000 float64 matrix
-    would be 1,099 MiB.  Time: about 3.5 s with one torch thread; 9-15 s
-    with torch's default two threads while the machine was shared with
-    other jobs.  With k1=50, k2=15 (V about ten times denser): about 17 s
-    (one thread) and 450-490 MiB.
+    Measured time and peak memory: docs/modules.md.
     """
     q = torch.as_tensor(q_feat)
     g = torch.as_tensor(g_feat)

@@ -7,10 +7,9 @@ patches) and ``tools/plot_results.py`` (ablation bar charts):
   column headers, a label strip above each row and a caption strip under each cell. The tools
   draw with it and the tests read the same boxes back, so "which pixel belongs to which cell" has
   one definition.
-* text: :func:`get_font` (Pillow's default font), :func:`text_size`, :func:`wrap_text`,
-  :func:`draw_text` (fitted into a box, shortened with "..." when too wide).
-* images: :func:`add_border`, :func:`stack_vertical`, :func:`stack_horizontal`, :func:`hatch`,
-  :func:`mask_edges`.
+* text: :func:`get_font` (Pillow's default font), :func:`line_height`, :func:`text_size`,
+  :func:`wrap_text`, :func:`draw_text` (fitted into a box, shortened with "..." when too wide).
+* images: :func:`add_border`, :func:`stack_vertical`, :func:`hatch`, :func:`mask_edges`.
 * colours: named colours, :func:`categorical_color` (a 10-colour palette) and :func:`colormap`
   (piecewise-linear sequential maps ``"heat"``, ``"cividis"`` and ``"gray"``).
 
@@ -177,15 +176,6 @@ def draw_text(draw: ImageDraw.ImageDraw, box: Sequence[int], text: str, font,
     draw.text((x - left, y + 1), text, font=font, fill=fill)
 
 
-def draw_lines(draw: ImageDraw.ImageDraw, box: Sequence[int], lines: Sequence[str], font,
-               fill: Color = TEXT, align: str = "center") -> None:
-    """Draw ``lines`` one under the other from the top of ``box``."""
-    x0, y0, x1, _ = box
-    step = line_height(font)
-    for i, line in enumerate(lines):
-        draw_text(draw, (x0, y0 + i * step, x1, y0 + (i + 1) * step), line, font, fill, align)
-
-
 # ---------------------------------------------------------------------------------------------
 # Layout
 # ---------------------------------------------------------------------------------------------
@@ -287,19 +277,6 @@ def stack_vertical(images: Sequence[Image.Image], gap: int = 0,
     return out
 
 
-def stack_horizontal(images: Sequence[Image.Image], gap: int = 0,
-                     background: Color = WHITE) -> Image.Image:
-    """Images side by side, top-aligned, ``gap`` px apart."""
-    height = max(im.height for im in images)
-    width = sum(im.width for im in images) + gap * (len(images) - 1)
-    out = Image.new("RGB", (width, height), background)
-    x = 0
-    for im in images:
-        out.paste(im.convert("RGB"), (x, 0))
-        x += im.width + gap
-    return out
-
-
 def hatch(draw: ImageDraw.ImageDraw, box: Sequence[int], color: Color, spacing: int = 6) -> None:
     """Diagonal 1-px hatching (lines going up to the right) clipped to ``box`` (x1/y1 exclusive)."""
     x0, y0, x1, y1 = (int(v) for v in box)
@@ -319,8 +296,3 @@ def mask_edges(mask: np.ndarray) -> np.ndarray:
     padded = np.pad(m, 1, constant_values=False)
     interior = (padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
     return m & ~interior
-
-
-# ---------------------------------------------------------------------------------------------
-# Retrieval
-# ---------------------------------------------------------------------------------------------
