@@ -9,41 +9,14 @@ import sys
 
 from config import default_argument_parser
 from data.build import build_data
-from engine.defaults import default_setup, select_device
-from engine.evaluator import (MISS_TO_MODALITIES, RANK_KEYS, export_features, extract_with_cfg,
-                              format_metrics, score_extracted)
+from engine.defaults import default_setup, load_weights
+from engine.evaluator import (MISS_TO_MODALITIES, RANK_KEYS, ReIDEvaluator, build_evaluators,
+                              evaluate, export_features, format_metrics)
 from modeling.model import build_model
-from utils.checkpoint import extract_model_state, load_checkpoint_file, load_model_weights
 from utils.dist import cleanup, get_rank, get_world_size, is_main_process
-from utils.logger import setup_logger
-from utils.seed import seed_everything
 
 MISS_LABELS = {"none": "all modalities", "r": "M(RGB)", "n": "M(NIR)", "t": "M(TIR)",
                "rn": "M(RGB+NIR)", "rt": "M(RGB+TIR)", "nt": "M(NIR+TIR)"}
-
-
-def load_weights(cfg, model, logger) -> None:
-    if not cfg.TEST.WEIGHT:
-        raise ValueError("TEST.WEIGHT is empty: name the checkpoint to evaluate, e.g. "
-                         "TEST.WEIGHT output/quickstart/model_best.pth")
-    state = extract_model_state(load_checkpoint_file(cfg.TEST.WEIGHT))
-    load_model_weights(model, state, cfg.MODEL.LOAD_STRICT, cfg.TEST.WEIGHT)
-    logger.info("loaded weights from %s", cfg.TEST.WEIGHT)
-
-
-def load_trained(cfg):
-    """(device, data, model in eval mode with TEST.WEIGHT loaded, logger) for a built config,
-    single process (used by the analysis tools)."""
-    logger = setup_logger()
-    if not cfg.TEST.WEIGHT:
-        raise ValueError("TEST.WEIGHT is empty: name the checkpoint to visualise, e.g. "
-                         "TEST.WEIGHT output/quickstart/model_best.pth")
-    device = select_device(cfg)
-    seed_everything(cfg.SOLVER.SEED)
-    data = build_data(cfg)
-    model = build_model(cfg, data.num_classes, data.num_cams).to(device)
-    load_weights(cfg, model, logger)
-    return device, data, model.eval(), logger
 
 
 def missing_modality_table(rows) -> str:
@@ -61,22 +34,23 @@ def missing_modality_table(rows) -> str:
 
 
 def main(argv=None) -> dict:
-    args = default_argument_parser("Evaluate a tri-modal ReID checkpoint").parse_args(argv)
+    args = default_argument_parser("Evaluate a tri-modal ReID checkpoint", training=False).parse_args(argv)
     cfg, device, logger = default_setup(args, dump_config=False)
     data = build_data(cfg, get_rank(), get_world_size())
     model = build_model(cfg, data.num_classes, data.num_cams).to(device)
-    load_weights(cfg, model, logger)
+    load_weights(cfg, model)
     test_set = data.eval_sets["test"]
     settings = list(MISS_TO_MODALITIES) if cfg.TEST.MISS == "all" else [cfg.TEST.MISS]
     rows = []
     for miss in settings:
-        extracted = extract_with_cfg(model, test_set, cfg, device, miss)
-        metrics = score_extracted(extracted, test_set, cfg)
+        evaluators = build_evaluators(cfg, test_set)
+        metrics = evaluate(model, test_set, cfg, device, miss, evaluators)
         rows.append((miss, metrics))
         logger.info("test [%s feature, %s%s]: %s", cfg.TEST.FEAT, MISS_LABELS[miss],
                     ", re-ranked" if cfg.TEST.RERANK.ENABLED else "", format_metrics(metrics))
         if cfg.TEST.EXPORT and miss == settings[0] and is_main_process():
-            export_features(cfg.TEST.EXPORT, extracted, test_set)
+            reid = next(e for e in evaluators if isinstance(e, ReIDEvaluator))
+            export_features(cfg.TEST.EXPORT, reid.extracted, test_set)
             logger.info("features exported to %s", cfg.TEST.EXPORT)
     if len(rows) > 1:
         logger.info("missing-modality results:\n%s", missing_modality_table(rows))

@@ -44,7 +44,7 @@ def spreads(model, loader, batches: int):
         if i == batches:
             break
         tokens = model.encode(batch["images"], batch["camids"])
-        pairs = model.sdtps.pair_scores(tokens[:, :, 1:], tokens[:, :, 0])
+        pairs = model.selection.pair_scores(tokens[:, :, 1:], tokens[:, :, 0])
         scores.append(pairs.score)  # (B, 3, 3, N)
         gates.append(pairs.gate)  # (B, 3, 3, H, N)
     score, gate = torch.cat(scores), torch.cat(gates)
@@ -78,7 +78,7 @@ def main(argv=None):
         model.load_state_dict(extract_model_state(checkpoint))
         rows.append((f"{label} (gate_norm {cfg.MODEL.SDTPS.GATE_NORM})", spreads(model, loader, args.batches)))
     print(f"{args.config_file}: min / median / max over samples x 9 pairs (x heads for the gate)")
-    print(f"| model | score max-min | 1 / (score max-min) | gate max-min | gate std over N |")
+    print("| model | score max-min | 1 / (score max-min) | gate max-min | gate std over N |")
     print("|---|---|---|---|---|")
     for label, s in rows:
         print(f"| {label} | {quantiles(s['score_range'])} | {quantiles(1 / s['score_range'])} | "

@@ -36,13 +36,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from modeling.fusion import weighted_mean  # noqa: E402
 from modeling.sdtps import (  # noqa: E402
     COS_EPS,
     GUIDE_ORDER,
     MultiModalSDTPS,
     _gate_logits,
     _gated_scores,
-    weighted_mean,
 )
 
 
@@ -137,7 +137,6 @@ def bench_whole_model(batch: int, repeats: int, warmup: int, device: str,
                       proj_dim: int = 512) -> Dict[str, float]:
     """Seconds per forward + backward of the baseline and the SDTPS+DGAF model, and the ratio."""
     from config import build_cfg
-    from modeling.losses import ReIDCriterion
     from modeling.model import build_model
     from utils.logger import setup_logger
 
@@ -146,7 +145,7 @@ def bench_whole_model(batch: int, repeats: int, warmup: int, device: str,
     common = ["MODEL.BACKBONE", backbone, "MODEL.PROJ_DIM", str(proj_dim), "MODEL.DROP_PATH", "0.0",
               "INPUT.SIZE_TRAIN", f"[{size[0]}, {size[1]}]", "SOLVER.IMS_PER_BATCH", str(batch),
               "DATALOADER.NUM_INSTANCE", str(batch // 4 if batch % 4 == 0 else 1)]
-    variants = {"baseline": [], "sdtps_dgaf": ["MODEL.SDTPS.ENABLED", "True", "MODEL.DGAF.ENABLED", "True"]}
+    variants = {"baseline": [], "sdtps_dgaf": ["MODEL.SELECTION.NAME", "sdtps", "MODEL.FUSION.NAME", "dgaf"]}
     images = torch.randn(batch, 3, 3, size[0], size[1], device=dev)
     cams = torch.zeros(batch, dtype=torch.long, device=dev)
     pids = torch.arange(batch, device=dev) % 4
@@ -155,11 +154,10 @@ def bench_whole_model(batch: int, repeats: int, warmup: int, device: str,
         cfg = build_cfg("", common + extra)
         torch.manual_seed(0)
         model = build_model(cfg, num_classes=10, num_cams=4).to(dev).train()
-        criterion = ReIDCriterion(cfg)
 
         def step() -> None:
-            loss, _, _ = criterion(model(images, cams), pids, model.loss_weights)
-            loss.backward()
+            out = model({"images": images, "camids": cams, "pids": pids})
+            sum(out["losses"].values()).backward()
             model.zero_grad(set_to_none=True)
 
         timings[name] = best_time(step, repeats, warmup, dev)

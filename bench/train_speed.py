@@ -20,7 +20,7 @@ step is split into
 
 Reported: triplets/s and images/s (3 images per triplet) over wait + compute; loader wait share
 = wait / (wait + compute); peak GPU memory (allocated and reserved by PyTorch's allocator) over
-the timed steps; MFU = 3 x forward FLOPs per triplet (``utils.model_size.count_flops``, 2 FLOPs
+the timed steps; MFU = 3 x forward FLOPs per triplet (``modeling.model_size.count_flops``, 2 FLOPs
 per multiply-add, at INPUT.SIZE_TRAIN; backward counted as twice the forward) x triplets/s,
 divided by ``--peak-tflops`` (default on CUDA: 989 TFLOP/s, the H100/H200 SXM dense BF16 peak
 without sparsity; give the figure of your device and precision; none on CPU unless given).
@@ -45,7 +45,7 @@ from engine.defaults import select_device  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 from modeling.model import build_model  # noqa: E402
 from utils.logger import setup_logger  # noqa: E402
-from utils.model_size import build_on_meta, count_flops  # noqa: E402
+from modeling.model_size import build_on_meta, count_flops  # noqa: E402
 from utils.seed import seed_everything, set_deterministic  # noqa: E402
 
 H200_BF16_DENSE_TFLOPS = 989.0

@@ -1,10 +1,15 @@
 """Configuration: defaults, command-line parsing and validation (detectron2's habits).
 
-``setup(args)`` clones the defaults, merges the config file, merges trailing ``KEY VALUE`` pairs,
-applies the ``--init_scale/--init_bias`` shortcuts, validates, and freezes.
+``build_cfg`` clones the defaults, merges the config file, merges trailing ``KEY VALUE`` pairs
+(then the command-line shortcuts of :data:`KEY_FLAGS`), imports ``IMPORTS``, validates, and
+freezes. The names of registered parts (datasets, selection and fusion modules, retrieval
+features, evaluators) are checked against their registries.
 """
 import argparse
+import importlib
+import importlib.util
 import os
+import sys
 from typing import List, Optional
 
 import yaml
@@ -12,63 +17,75 @@ from yacs.config import CfgNode
 
 from config.defaults import get_cfg_defaults
 
-# Allowed values of the enumerated keys: a wrong value fails early, naming the key.
+# Allowed values of the enumerated keys: a wrong value fails early, naming the key. Keys naming
+# a registered part are checked against the registry instead (:func:`registered_choices`).
 CHOICES = {
-    "DATASETS.NAMES": ("RGBNT201", "RGBNT100", "MSVR310", "Synthetic"),
     "SOLVER.OPTIMIZER": ("Adam", "AdamW", "SGD"),
     "SOLVER.AMP": ("off", "fp16", "bf16"),
     "SOLVER.PARAM_GROUPS": ("demo", "ndim"),
     "TEST.AMP": ("off", "fp16", "bf16"),
-    "TEST.FEAT": ("ori", "fused", "concat", "hdm", "moe", "ori+moe"),
     "TEST.FEAT_NORM": ("once", "per_part"),
     "MODEL.POS_EMBED_RESIZE": ("bilinear", "bicubic"),
-    "MODEL.SDTPS.GATE_NORM": ("none", "patches", "heads"),
     "INPUT.TRAIN_INTERPOLATION": ("bicubic", "bilinear"),
     "TEST.NECK_FEAT": ("before", "after"),
     "TEST.DIST": ("cosine", "euclidean"),
     "TEST.MISS": ("none", "r", "n", "t", "rn", "rt", "nt", "all"),
-    "MODEL.SDTPS.SCORE_COMBINE": ("mean", "learned"),
 }
-
 
 # Values of earlier versions still accepted: key -> {old value: current value}.
 LEGACY_VALUES = {"MODEL.SDTPS.GATE_NORM": {False: "none", True: "patches"}}
+
+# Keys of earlier versions: key -> what replaced it.
+REMOVED_KEYS = {
+    "MODEL.SDTPS.ENABLED": "MODEL.SELECTION.NAME sdtps (with MODEL.FUSION.NAME mean, or dgaf)",
+    "MODEL.DGAF.ENABLED": "MODEL.FUSION.NAME dgaf",
+    "MODEL.SDTPS.LOSS_WEIGHT": "MODEL.FUSION.LOSS_WEIGHT",
+}
+
+# Command-line shortcuts (train_net.py, test_net.py and the tools): flag -> (config key, help). They override the file and
+# the KEY VALUE pairs.
+KEY_FLAGS = {
+    "--init_scale": ("MODEL.SDTPS.GATE_INIT_SCALE", "initial per-head scale of the SDTPS cosine gate"),
+    "--init_bias": ("MODEL.SDTPS.GATE_INIT_BIAS", "initial per-head bias of the SDTPS cosine gate"),
+}
 
 
 class ConfigError(ValueError):
     """A configuration value or combination that cannot work; the message names the key."""
 
 
-def default_argument_parser(description: str = "Multi-modal ReID") -> argparse.ArgumentParser:
-    """The shared CLI of train_net.py and test_net.py."""
+def default_argument_parser(description: str = "Multi-modal ReID",
+                            training: bool = True) -> argparse.ArgumentParser:
+    """The shared CLI: ``--config_file``, the :data:`KEY_FLAGS` shortcuts and trailing KEY VALUE
+    overrides; for training also ``--resume``."""
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Trailing KEY VALUE pairs override the config file, e.g.\n"
-        "  SOLVER.MAX_EPOCHS 5 MODEL.SDTPS.ENABLED True",
+        "  SOLVER.MAX_EPOCHS 5 MODEL.SELECTION.NAME sdtps MODEL.FUSION.NAME mean",
     )
     parser.add_argument("--config_file", default="", metavar="FILE", help="path to a yaml config")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from the last checkpoint in OUTPUT_DIR"
-    )
-    parser.add_argument(
-        "--init_scale",
-        type=float,
-        default=None,
-        help="initial per-head scale of the SDTPS cosine gate (sets MODEL.SDTPS.GATE_INIT_SCALE; "
-        "overrides the file and opts)",
-    )
-    parser.add_argument(
-        "--init_bias",
-        type=float,
-        default=None,
-        help="initial per-head bias of the SDTPS cosine gate (sets MODEL.SDTPS.GATE_INIT_BIAS; "
-        "overrides the file and opts)",
-    )
+    if training:
+        parser.add_argument(
+            "--resume", action="store_true", help="continue from the last checkpoint in OUTPUT_DIR"
+        )
+    for flag, (key, text) in KEY_FLAGS.items():
+        parser.add_argument(flag, type=float, default=None,
+                            help=f"{text} (sets {key}; overrides the file and opts)")
     parser.add_argument(
         "opts", default=None, nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs"
     )
     return parser
+
+
+def flag_opts(args: argparse.Namespace) -> List[str]:
+    """The KEY VALUE pairs of the :data:`KEY_FLAGS` given on the command line."""
+    opts = []
+    for flag, (key, _) in KEY_FLAGS.items():
+        value = getattr(args, flag.lstrip("-"), None)
+        if value is not None:
+            opts += [key, repr(float(value))]
+    return opts
 
 
 def _get(cfg: CfgNode, dotted: str):
@@ -78,23 +95,77 @@ def _get(cfg: CfgNode, dotted: str):
     return node
 
 
+def registered_choices():
+    """{key: registry} of the keys naming registered parts (imports the built-in parts)."""
+    from data.datasets import DATASET_REGISTRY
+    from engine.evaluator import EVALUATOR_REGISTRY
+    from modeling.heads import RETRIEVAL_FEATURES
+    from modeling.losses import LOSS_REGISTRY
+    from modeling.model import BACKBONE_REGISTRY, FUSION_REGISTRY, SELECTION_REGISTRY
+
+    return {"DATASETS.NAMES": DATASET_REGISTRY, "MODEL.BACKBONE_TYPE": BACKBONE_REGISTRY,
+            "MODEL.SELECTION.NAME": SELECTION_REGISTRY, "MODEL.FUSION.NAME": FUSION_REGISTRY,
+            "TEST.FEAT": RETRIEVAL_FEATURES, "TEST.REPORT_FEATS": RETRIEVAL_FEATURES,
+            "MODEL.LOSSES": LOSS_REGISTRY, "TEST.EVALUATORS": EVALUATOR_REGISTRY}
+
+
+def _check_registered(key: str, value, registry) -> None:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    allowed = ("none",) if key in ("MODEL.SELECTION.NAME", "MODEL.FUSION.NAME") else ()
+    for v in values:
+        if key == "DATASETS.NAMES":  # datasets are looked up case-insensitively
+            v = {n.lower(): n for n in registry}.get(str(v).lower(), v)
+        if v not in allowed and v not in registry:
+            names = ", ".join(allowed + registry.names())
+            raise ConfigError(f"{key} = {v!r} is not one of {names} (register your own and list "
+                              "its module under IMPORTS)")
+
+
 def validate_cfg(cfg: CfgNode) -> None:
-    """Check enumerated values and cross-key constraints; raise ConfigError naming the key."""
+    """Check enumerated values, registered names and cross-key constraints; raise ConfigError
+    naming the key."""
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
+    registries = registered_choices()
+    for key, registry in registries.items():
+        _check_registered(key, _get(cfg, key), registry)
     batch, instances = cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_INSTANCE
     if instances < 1 or batch < instances or batch % instances != 0:
         raise ConfigError(
             f"SOLVER.IMS_PER_BATCH ({batch}) must be a positive multiple of "
             f"DATALOADER.NUM_INSTANCE ({instances}) (a batch is P identities x K instances)"
         )
-    for feat in cfg.TEST.REPORT_FEATS:
-        if feat not in CHOICES["TEST.FEAT"]:
-            raise ConfigError(f"TEST.REPORT_FEATS: {feat!r} is not one of {', '.join(CHOICES['TEST.FEAT'])}")
-        _check_feat_available(cfg, "TEST.REPORT_FEATS", feat)
-    _check_feat_available(cfg, "TEST.FEAT", cfg.TEST.FEAT)
+    if "reid" not in cfg.TEST.EVALUATORS:
+        raise ConfigError("TEST.EVALUATORS must include reid: checkpoints are selected and runs "
+                          "reported by its mAP")
+    m = cfg.MODEL
+    if not m.LOSSES:
+        raise ConfigError("MODEL.LOSSES is empty: name at least one training objective, e.g. [reid]")
+    if m.SELECTION.NAME != "none" and m.FUSION.NAME == "none":
+        raise ConfigError(f"MODEL.SELECTION.NAME {m.SELECTION.NAME} needs a fusion to pool the kept "
+                          f"patches: set MODEL.FUSION.NAME ({', '.join(registries['MODEL.FUSION.NAME'])})")
+    if m.ATMOE.ENABLED and not m.HDM.ENABLED:
+        raise ConfigError("MODEL.ATMOE.ENABLED needs MODEL.HDM.ENABLED (ATMoE mixes HDM's features)")
+    for key in ("MODEL.SELECTION.NAME", "MODEL.FUSION.NAME"):
+        name = _get(cfg, key)
+        check = getattr(registries[key].get(name), "check_config", None) if name != "none" else None
+        if check is not None:
+            try:
+                check(cfg)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+    from modeling.heads import feature_parts
+    from modeling.model import head_names
+
+    heads = head_names(cfg)
+    for key, feats in (("TEST.FEAT", [cfg.TEST.FEAT]), ("TEST.REPORT_FEATS", cfg.TEST.REPORT_FEATS)):
+        for feat in feats:
+            try:
+                feature_parts(feat, heads)
+            except KeyError as exc:
+                raise ConfigError(f"{key} {feat} {exc.args[0]}") from None
     area = list(cfg.INPUT.RE_AREA)
     if len(area) != 2 or not 0.0 < area[0] <= area[1] <= 1.0:
         raise ConfigError(f"INPUT.RE_AREA must be [min, max] with 0 < min <= max <= 1, got {area}")
@@ -104,26 +175,8 @@ def validate_cfg(cfg: CfgNode) -> None:
         raise ConfigError(f"SOLVER.SCHEDULE_START must be 0 or 1, got {cfg.SOLVER.SCHEDULE_START}")
     if cfg.SOLVER.WARMUP_EPOCHS < 0:
         raise ConfigError(f"SOLVER.WARMUP_EPOCHS must be >= 0, got {cfg.SOLVER.WARMUP_EPOCHS}")
-    if not 0.0 < cfg.MODEL.SDTPS.SPARSE_RATIO <= 1.0:
-        raise ConfigError(f"MODEL.SDTPS.SPARSE_RATIO must be in (0, 1], got {cfg.MODEL.SDTPS.SPARSE_RATIO}")
-    if not 0.0 < cfg.MODEL.DGAF.INIT_ALPHA < 1.0:
-        raise ConfigError(f"MODEL.DGAF.INIT_ALPHA must be in (0, 1), got {cfg.MODEL.DGAF.INIT_ALPHA}")
-    if cfg.MODEL.ATMOE.ENABLED and not cfg.MODEL.HDM.ENABLED:
-        raise ConfigError("MODEL.ATMOE.ENABLED needs MODEL.HDM.ENABLED (ATMoE mixes HDM's features)")
     if cfg.DATASETS.VAL_IDS < 0:
         raise ConfigError("DATASETS.VAL_IDS must be >= 0")
-
-
-def _check_feat_available(cfg: CfgNode, key: str, feat: str) -> None:
-    """The retrieval feature ``feat`` (named by config key ``key``) needs a head the model has."""
-    m = cfg.MODEL
-    if feat == "fused" and not (m.SDTPS.ENABLED or m.DGAF.ENABLED):
-        raise ConfigError(f"{key} fused needs MODEL.SDTPS.ENABLED or MODEL.DGAF.ENABLED")
-    if feat in ("moe", "ori+moe") and not m.ATMOE.ENABLED:
-        raise ConfigError(f"{key} {feat} needs MODEL.ATMOE.ENABLED")
-    if feat == "hdm" and not (m.HDM.ENABLED and not m.ATMOE.ENABLED):
-        raise ConfigError(f"{key} hdm needs MODEL.HDM.ENABLED without MODEL.ATMOE.ENABLED "
-                          "(with ATMoE the head is moe)")
 
 
 def merge_opts(cfg: CfgNode, opts: Optional[List[str]]) -> None:
@@ -135,6 +188,8 @@ def merge_opts(cfg: CfgNode, opts: Optional[List[str]]) -> None:
             f"config overrides must be KEY VALUE pairs; got an odd number of items: {' '.join(opts)}"
         )
     for key, value in zip(opts[0::2], opts[1::2]):
+        if key in REMOVED_KEYS:
+            raise ConfigError(f"{key} was replaced by {REMOVED_KEYS[key]}")
         if key in LEGACY_VALUES:
             decoded = {"True": True, "False": False}.get(value, value) if isinstance(value, str) else value
             if isinstance(decoded, bool):
@@ -164,6 +219,12 @@ def merge_file(cfg: CfgNode, path: str, _seen=()) -> None:
     if not isinstance(content, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys")
     base = content.pop("_BASE_", None)
+    for key, replacement in REMOVED_KEYS.items():
+        node = content
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            raise ConfigError(f"{path}: {key} was replaced by {replacement}")
     for key, mapping in LEGACY_VALUES.items():
         *parents, leaf = key.split(".")
         node = content
@@ -182,22 +243,42 @@ def merge_file(cfg: CfgNode, path: str, _seen=()) -> None:
         raise ConfigError(f"{path}: {exc}") from exc
 
 
-def build_cfg(
-    config_file: str = "",
-    opts: Optional[List[str]] = None,
-    init_scale: Optional[float] = None,
-    init_bias: Optional[float] = None,
-    freeze: bool = True,
-) -> CfgNode:
-    """Defaults <- file <- opts <- --init_scale/--init_bias, validated (and frozen)."""
+def import_user_modules(names, config_file: str = "") -> None:
+    """Import each of ``IMPORTS``: a dotted module name, or a .py file (relative to the working
+    directory, else to the folder of ``config_file``). A file is imported once per process."""
+    for name in names:
+        if not str(name).endswith(".py"):
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                raise ConfigError(f"IMPORTS: cannot import module {name!r}: {exc}") from exc
+            continue
+        path = name if os.path.isfile(name) else os.path.join(os.path.dirname(config_file), name)
+        if not os.path.isfile(path):
+            raise ConfigError(f"IMPORTS: no such file {name!r} (looked in the working directory"
+                              f"{' and next to ' + config_file if config_file else ''})")
+        path = os.path.abspath(path)
+        module_name = "reid_imports." + os.path.splitext(os.path.basename(path))[0]
+        loaded = sys.modules.get(module_name)
+        if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "")) == path:
+            continue
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception:
+            del sys.modules[module_name]
+            raise
+
+
+def build_cfg(config_file: str = "", opts: Optional[List[str]] = None, freeze: bool = True) -> CfgNode:
+    """Defaults <- file <- opts, with ``IMPORTS`` imported, validated (and frozen)."""
     cfg = get_cfg_defaults()
     if config_file:
         merge_file(cfg, config_file)
     merge_opts(cfg, opts)
-    if init_scale is not None:
-        cfg.MODEL.SDTPS.GATE_INIT_SCALE = float(init_scale)
-    if init_bias is not None:
-        cfg.MODEL.SDTPS.GATE_INIT_BIAS = float(init_bias)
+    import_user_modules(cfg.IMPORTS, config_file)
     validate_cfg(cfg)
     if freeze:
         cfg.freeze()
@@ -205,4 +286,4 @@ def build_cfg(
 
 
 def cfg_from_args(args: argparse.Namespace) -> CfgNode:
-    return build_cfg(args.config_file, args.opts, args.init_scale, args.init_bias)
+    return build_cfg(args.config_file, list(args.opts or []) + flag_opts(args))

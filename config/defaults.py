@@ -9,6 +9,9 @@ command line override the file.
 """
 from yacs.config import CfgNode as CN
 
+import modeling.sdtps as _sdtps
+from data.synthetic import DEFAULT_ARGS as _SYNTHETIC_DEFAULTS
+
 _C = CN()
 
 # ---------------------------------------------------------------------------------------------
@@ -17,6 +20,8 @@ _C = CN()
 _C.MODEL = CN()
 # Device: "auto" picks CUDA when available, else CPU; or "cpu" / "cuda" / "cuda:1".
 _C.MODEL.DEVICE = "auto"
+# Registered backbone (modeling.registry.BACKBONE_REGISTRY): "vit", a timm Vision Transformer.
+_C.MODEL.BACKBONE_TYPE = "vit"
 # timm model name of the ViT backbone shared by the three modalities (OpenAI CLIP uses QuickGELU).
 _C.MODEL.BACKBONE = "vit_base_patch16_clip_quickgelu_224"
 # Override the backbone depth (number of transformer blocks); 0 keeps the timm default.
@@ -43,6 +48,9 @@ _C.MODEL.POS_EMBED_RESIZE = "bilinear"
 _C.MODEL.SIE_CAMERA = True
 # Coefficient of the camera embedding.
 _C.MODEL.SIE_COE = 1.0
+# The training objectives (modeling.losses.LOSS_REGISTRY), summed: "reid" (the ID and triplet
+# losses below on every head), or ones registered by a module listed in IMPORTS.
+_C.MODEL.LOSSES = ["reid"]
 # Weight of the label-smoothed identity (cross-entropy) loss of every head.
 _C.MODEL.ID_LOSS_WEIGHT = 0.25
 # Weight of the batch-hard triplet loss of every head.
@@ -80,18 +88,31 @@ _C.MODEL.ATMOE.ENABLED = False
 # Gate heads (DeMo: 4 for RGBNT201, 8 for vehicles).
 _C.MODEL.ATMOE.HEADS = 4
 
+# Token selection (modeling.registry.SELECTION_REGISTRY): "none" keeps every patch; "sdtps"
+# (options under MODEL.SDTPS); or one registered by a module listed in IMPORTS.
+_C.MODEL.SELECTION = CN()
+# Registered name of the token selection.
+_C.MODEL.SELECTION.NAME = "none"
+
+# Fusion of the (selected) patches into the "fused" head (modeling.registry.FUSION_REGISTRY):
+# "none" (no fused head; needs MODEL.SELECTION.NAME none), "mean", "dgaf" (options under
+# MODEL.DGAF), or one registered by a module listed in IMPORTS.
+_C.MODEL.FUSION = CN()
+# Registered name of the fusion.
+_C.MODEL.FUSION.NAME = "none"
+# Weight of the fused head's ID + triplet losses.
+_C.MODEL.FUSION.LOSS_WEIGHT = 1.0
+
 # SDTPS token selection (cosine-gated cross-modal attention, top-K patches per modality).
 _C.MODEL.SDTPS = CN()
-# Enable SDTPS.
-_C.MODEL.SDTPS.ENABLED = False
 # Share of patches kept: K = max(1, ceil(N * SPARSE_RATIO)).
 _C.MODEL.SDTPS.SPARSE_RATIO = 0.7
 # Attention heads of each cross-modal scorer.
 _C.MODEL.SDTPS.NUM_HEADS = 4
 # Initial per-head gate scale (gate logit = cos * scale + bias). CLI: --init_scale.
-_C.MODEL.SDTPS.GATE_INIT_SCALE = 0.5
+_C.MODEL.SDTPS.GATE_INIT_SCALE = _sdtps.GATE_INIT_SCALE
 # Initial per-head gate bias. CLI: --init_bias.
-_C.MODEL.SDTPS.GATE_INIT_BIAS = 0.5
+_C.MODEL.SDTPS.GATE_INIT_BIAS = _sdtps.GATE_INIT_BIAS
 # Gate normalisation before the sigmoid (docs/sdtps.md): "none"; "patches" (standardise the cosines
 # over the N patches of each sample, before the per-head affine); "heads" (the prototype's
 # LayerNorm of the gate logits across the H heads, after the affine). False/True mean none/patches.
@@ -100,13 +121,9 @@ _C.MODEL.SDTPS.GATE_NORM = "none"
 _C.MODEL.SDTPS.RENORM_ATTN = False
 # How the three guides' scores combine: "mean" or "learned" (softmax weights).
 _C.MODEL.SDTPS.SCORE_COMBINE = "mean"
-# Weight of the fused head's ID + triplet losses.
-_C.MODEL.SDTPS.LOSS_WEIGHT = 1.0
 
 # DGAF dual-gated adaptive fusion of the selected tokens.
 _C.MODEL.DGAF = CN()
-# Enable DGAF (requires SDTPS).
-_C.MODEL.DGAF.ENABLED = False
 # Heads of the shared attention pooling.
 _C.MODEL.DGAF.NUM_HEADS = 8
 # Temperature of the entropy gate.
@@ -144,7 +161,8 @@ _C.INPUT.SYNC_MODALITY_AUG = False
 # Datasets
 # ---------------------------------------------------------------------------------------------
 _C.DATASETS = CN()
-# Dataset name: "RGBNT201", "RGBNT100", "MSVR310" or "Synthetic".
+# Registered dataset (data.datasets.DATASET_REGISTRY): "RGBNT201", "RGBNT100", "MSVR310",
+# "Synthetic", or one registered by a module listed in IMPORTS.
 _C.DATASETS.NAMES = "RGBNT201"
 # Folder holding the dataset folders (see README for the expected layouts).
 _C.DATASETS.ROOT_DIR = "./datasets"
@@ -152,19 +170,8 @@ _C.DATASETS.ROOT_DIR = "./datasets"
 _C.DATASETS.VAL_IDS = 0
 
 # The synthetic tri-modal dataset, generated on first use under ROOT_DIR in RGBNT201's layout.
-_C.DATASETS.SYNTHETIC = CN()
-# Training identities.
-_C.DATASETS.SYNTHETIC.NUM_TRAIN_IDS = 150
-# Test identities.
-_C.DATASETS.SYNTHETIC.NUM_TEST_IDS = 50
-# Samples (RGB/NI/TI triplets) per identity.
-_C.DATASETS.SYNTHETIC.SAMPLES_PER_ID = 8
-# Image height in pixels.
-_C.DATASETS.SYNTHETIC.HEIGHT = 128
-# Image width in pixels.
-_C.DATASETS.SYNTHETIC.WIDTH = 64
-# Generator seed (the data are a pure function of the seed and the sizes).
-_C.DATASETS.SYNTHETIC.SEED = 0
+# Keys: the generator's arguments, upper-cased (defaults: data.synthetic.DEFAULT_ARGS).
+_C.DATASETS.SYNTHETIC = CN({key.upper(): value for key, value in _SYNTHETIC_DEFAULTS.items()})
 
 # ---------------------------------------------------------------------------------------------
 # Data loader
@@ -250,8 +257,8 @@ _C.TEST = CN()
 _C.TEST.IMS_PER_BATCH = 128
 # Checkpoint evaluated by test_net.py.
 _C.TEST.WEIGHT = ""
-# Retrieval feature: "ori", "fused", "hdm", "moe", "ori+moe" or "concat" (every head the model has:
-# ori, then hdm or moe, then fused).
+# Retrieval feature (modeling.heads.RETRIEVAL_FEATURES): "ori", "fused", "hdm", "moe", "ori+moe"
+# or "concat" (every head the model has: ori, then hdm or moe, then fused).
 _C.TEST.FEAT = "ori"
 # Normalisation of a concatenated feature: "once" (DeMo: raw parts concatenated, the whole
 # L2-normalised by the distance) or "per_part" (each part L2-normalised before concatenating).
@@ -270,6 +277,10 @@ _C.TEST.MISS = "none"
 _C.TEST.FLIP = False
 # Write features, pids, camids and paths per split to this .npz file (test_net.py).
 _C.TEST.EXPORT = ""
+# Evaluators run at every evaluation (engine.evaluator.EVALUATOR_REGISTRY): "reid" (retrieval
+# metrics), "foreground" (share of kept patches on the person: datasets with masks and a model
+# with a token selection; otherwise it reports nothing).
+_C.TEST.EVALUATORS = ["reid", "foreground"]
 
 # k-reciprocal re-ranking.
 _C.TEST.RERANK = CN()
@@ -287,6 +298,11 @@ _C.TEST.RERANK.LAMBDA = 0.3
 # ---------------------------------------------------------------------------------------------
 # Output folder: logs, config.yaml, checkpoints, TensorBoard events.
 _C.OUTPUT_DIR = "./output"
+# Python modules (dotted names) or .py files (relative to the working directory, else to the
+# config file) imported before the config is validated, so that the datasets, backbones,
+# selection / fusion modules, losses, retrieval features and evaluators they register can be
+# named in this config (docs/extending.md).
+_C.IMPORTS = []
 
 
 def get_cfg_defaults() -> CN:

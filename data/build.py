@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from data.datasets import BadImageError, ReIDDataset, Sample, build_dataset, read_triplet
+from data.datasets import BadImageError, ReIDDataset, Sample, build_dataset_from_config, read_triplet
 from data.samplers import RandomIdentitySampler, ShardSampler
 from data.transforms import (TriModalTestTransform, TriModalTrainTransform, mask_to_tensor,
                              pil_triplet_to_tensor)
@@ -140,15 +140,7 @@ def build_data(cfg, rank: int = 0, world_size: int = 1) -> DataBundle:
     """Dataset, identity-sampled training loader and evaluation sets (``test``, and ``val`` when
     ``DATASETS.VAL_IDS > 0``)."""
     logger = get_logger()
-    synthetic = dict(
-        num_train_ids=cfg.DATASETS.SYNTHETIC.NUM_TRAIN_IDS,
-        num_test_ids=cfg.DATASETS.SYNTHETIC.NUM_TEST_IDS,
-        samples_per_id=cfg.DATASETS.SYNTHETIC.SAMPLES_PER_ID,
-        height=cfg.DATASETS.SYNTHETIC.HEIGHT,
-        width=cfg.DATASETS.SYNTHETIC.WIDTH,
-        seed=cfg.DATASETS.SYNTHETIC.SEED,
-    )
-    dataset = build_dataset(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR, synthetic)
+    dataset = build_dataset_from_config(cfg)
     logger.info("dataset %s under %s\n%s", dataset.name, cfg.DATASETS.ROOT_DIR,
                 dataset.statistics_table())
 

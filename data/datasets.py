@@ -19,6 +19,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from PIL import Image
 
+from utils.registry import Registry
+
 from . import synthetic as _synthetic
 
 __all__ = [
@@ -30,7 +32,7 @@ __all__ = [
     "RGBNT100",
     "MSVR310",
     "Synthetic",
-    "DATASET_NAMES",
+    "DATASET_REGISTRY",
     "build_dataset",
     "read_image",
     "read_triplet",
@@ -42,6 +44,9 @@ _SYNTHETIC_HINT = (
     "`python train_net.py --config_file configs/Synthetic/quickstart.yml`."
 )
 _MAX_LISTED_MISSING = 5
+
+# Dataset classes by the name ``DATASETS.NAMES`` selects: ``@DATASET_REGISTRY.register()``.
+DATASET_REGISTRY = Registry("dataset")
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ def _layout_error(dataset: str, root: str, layout: str, missing: Sequence[str]) 
     return err
 
 
-def _relabel(samples: List[Sample]) -> List[Sample]:
+def relabel(samples: List[Sample]) -> List[Sample]:
     """Map original ids to 0..n-1 in increasing order of the original id."""
     mapping = {pid: label for label, pid in enumerate(sorted({s.pid for s in samples}))}
     return [dataclasses.replace(s, pid=mapping[s.pid]) for s in samples]
@@ -121,10 +126,30 @@ class ReIDDataset:
 
     It can also be built directly from lists (e.g. after carving a validation split):
     ``ReIDDataset(train, query, gallery, name="custom")``.
+
+    A registered subclass is built from the config by :meth:`from_config` (default:
+    ``cls(DATASETS.ROOT_DIR)``); ``TRAIN_SIZE`` = (training identities, cameras) as published,
+    for sizing a model without reading the data (``tools/model_size.py``).
     """
 
     name = "ReIDDataset"
     uses_scenes = False
+    TRAIN_SIZE: Optional[Tuple[int, int]] = None
+    OPTIONS: Tuple[str, ...] = ()  # keyword arguments of __init__ after ``root``
+
+    @classmethod
+    def from_config(cls, cfg) -> "ReIDDataset":
+        return cls(cfg.DATASETS.ROOT_DIR)
+
+    @classmethod
+    def train_size(cls, cfg) -> Tuple[int, int]:
+        """(classes, cameras) a model trained on this dataset with ``cfg`` has, without reading
+        the data (the training identities less ``DATASETS.VAL_IDS``)."""
+        if cls.TRAIN_SIZE is None:
+            raise ValueError(f"dataset {cls.name} does not declare TRAIN_SIZE (training identities, "
+                             "cameras): pass the sizes explicitly")
+        ids, cams = cls.TRAIN_SIZE
+        return ids - cfg.DATASETS.VAL_IDS, cams
 
     def __init__(self, train: Sequence[Sample], query: Sequence[Sample],
                  gallery: Sequence[Sample], name: Optional[str] = None,
@@ -193,6 +218,7 @@ def _check_nonempty(dataset: str, split: str, samples: List[Sample], folder: str
 # ---------------------------------------------------------------------------------------------
 # RGBNT201 (and the Synthetic set, which shares its layout)
 # ---------------------------------------------------------------------------------------------
+@DATASET_REGISTRY.register()
 class RGBNT201(ReIDDataset):
     """RGBNT201 persons: ``root/RGBNT201/{train_171,test}/{RGB,NI,TI}/*.jpg``.
 
@@ -202,6 +228,7 @@ class RGBNT201(ReIDDataset):
     """
 
     name = "RGBNT201"
+    TRAIN_SIZE = (171, 4)
     folder = "RGBNT201"
     modalities = ("RGB", "NI", "TI")
     train_folder = "train_171"
@@ -222,7 +249,7 @@ class RGBNT201(ReIDDataset):
                         os.path.join(dataset_dir, self.train_folder, self.modalities[0]))
         _check_nonempty(self.name, "query/gallery (test)", test,
                         os.path.join(dataset_dir, self.test_folder, self.modalities[0]))
-        super().__init__(_relabel(train), test, list(test), dataset_dir=dataset_dir)
+        super().__init__(relabel(train), test, list(test), dataset_dir=dataset_dir)
 
     @classmethod
     def expected_layout(cls) -> str:
@@ -289,26 +316,39 @@ class RGBNT201(ReIDDataset):
         return samples, missing
 
 
+@DATASET_REGISTRY.register()
 class Synthetic(RGBNT201):
     """The generated tri-modal set, in RGBNT201's layout under ``root/Synthetic``.
 
     It is generated on first use, and again whenever ``meta.json`` is absent or was written with
-    other arguments.  Samples carry the path of their foreground mask.
+    other arguments (``generator_args``: see :func:`data.synthetic.synthetic_args`, whose
+    defaults are the config's).  Samples carry the path of their foreground mask.
     """
 
     name = "Synthetic"
     folder = "Synthetic"
     train_folder = _synthetic.SPLIT_FOLDERS[0]
     test_folder = _synthetic.SPLIT_FOLDERS[1]
+    OPTIONS = tuple(_synthetic.DEFAULT_ARGS)
 
-    def __init__(self, root: str, num_train_ids: int = 60, num_test_ids: int = 20,
-                 samples_per_id: int = 16, height: int = 128, width: int = 64, seed: int = 0,
-                 num_cams: int = 4) -> None:
-        self.generator_args = _synthetic.synthetic_args(
-            num_train_ids, num_test_ids, samples_per_id, height, width, seed, num_cams)
-        self.generated = _synthetic.ensure_synthetic(os.path.join(root, self.folder),
-                                                     **self.generator_args)
+    def __init__(self, root: str, **generator_args) -> None:
+        self.generator_args = _synthetic.synthetic_args(**generator_args)
+        _synthetic.ensure_synthetic(os.path.join(root, self.folder), **self.generator_args)
         super().__init__(root)
+
+    @staticmethod
+    def config_args(cfg) -> Dict[str, int]:
+        """Generator arguments from ``DATASETS.SYNTHETIC``."""
+        return {key.lower(): value for key, value in cfg.DATASETS.SYNTHETIC.items()}
+
+    @classmethod
+    def from_config(cls, cfg) -> "Synthetic":
+        return cls(cfg.DATASETS.ROOT_DIR, **cls.config_args(cfg))
+
+    @classmethod
+    def train_size(cls, cfg) -> Tuple[int, int]:
+        args = _synthetic.synthetic_args(**cls.config_args(cfg))
+        return args["num_train_ids"] - cfg.DATASETS.VAL_IDS, args["num_cams"]
 
     @classmethod
     def expected_layout(cls) -> str:
@@ -330,6 +370,7 @@ class Synthetic(RGBNT201):
 # ---------------------------------------------------------------------------------------------
 # RGBNT100
 # ---------------------------------------------------------------------------------------------
+@DATASET_REGISTRY.register()
 class RGBNT100(ReIDDataset):
     """RGBNT100 vehicles: ``root/RGBNT100/rgbir/{bounding_box_train,query,bounding_box_test}``.
 
@@ -339,6 +380,7 @@ class RGBNT100(ReIDDataset):
     """
 
     name = "RGBNT100"
+    TRAIN_SIZE = (50, 8)
     folder = os.path.join("RGBNT100", "rgbir")
     splits = (("train", "bounding_box_train"), ("query", "query"),
               ("gallery", "bounding_box_test"))
@@ -353,7 +395,7 @@ class RGBNT100(ReIDDataset):
             folder = os.path.join(dataset_dir, sub)
             loaded[split] = self._load_split(folder)
             _check_nonempty(self.name, split, loaded[split], folder)
-        super().__init__(_relabel(loaded["train"]), loaded["query"], loaded["gallery"],
+        super().__init__(relabel(loaded["train"]), loaded["query"], loaded["gallery"],
                          dataset_dir=dataset_dir)
 
     @classmethod
@@ -385,6 +427,7 @@ class RGBNT100(ReIDDataset):
 # ---------------------------------------------------------------------------------------------
 # MSVR310
 # ---------------------------------------------------------------------------------------------
+@DATASET_REGISTRY.register()
 class MSVR310(ReIDDataset):
     """MSVR310 vehicles: ``root/MSVR310/{bounding_box_train,query3,bounding_box_test}/<vid>/
     {vis,ni,th}/<img>``.
@@ -394,6 +437,7 @@ class MSVR310(ReIDDataset):
     """
 
     name = "MSVR310"
+    TRAIN_SIZE = (155, 8)
     folder = "MSVR310"
     uses_scenes = True
     modalities = ("vis", "ni", "th")
@@ -413,7 +457,7 @@ class MSVR310(ReIDDataset):
             raise _layout_error(self.name, root, layout, missing)
         for split, sub in self.splits:
             _check_nonempty(self.name, split, loaded[split], os.path.join(dataset_dir, sub))
-        super().__init__(_relabel(loaded["train"]), loaded["query"], loaded["gallery"],
+        super().__init__(relabel(loaded["train"]), loaded["query"], loaded["gallery"],
                          dataset_dir=dataset_dir)
 
     @classmethod
@@ -461,33 +505,30 @@ class MSVR310(ReIDDataset):
 # ---------------------------------------------------------------------------------------------
 # Factory and image reading
 # ---------------------------------------------------------------------------------------------
-DATASET_NAMES = ("RGBNT201", "RGBNT100", "MSVR310", "Synthetic")
-_FACTORY = {"RGBNT201": RGBNT201, "RGBNT100": RGBNT100, "MSVR310": MSVR310,
-            "Synthetic": Synthetic}
-_SYNTHETIC_KEYS = ("num_train_ids", "num_test_ids", "samples_per_id", "height", "width", "seed",
-                   "num_cams")
+def dataset_class(name: str) -> type:
+    """The registered dataset class called ``name`` (case-insensitive)."""
+    canonical = {n.lower(): n for n in DATASET_REGISTRY}.get(str(name).lower(), name)
+    return DATASET_REGISTRY.get(canonical)
 
 
-def build_dataset(name: str, root: str, synthetic: Optional[dict] = None) -> ReIDDataset:
-    """Load dataset ``name`` (one of :data:`DATASET_NAMES`, case-insensitive) from ``root``.
+def build_dataset(name: str, root: str, options: Optional[dict] = None) -> ReIDDataset:
+    """Load registered dataset ``name`` (case-insensitive) from ``root``.
 
-    ``synthetic`` holds generator keyword arguments for the Synthetic set (``num_train_ids``,
-    ``num_test_ids``, ``samples_per_id``, ``height``, ``width``, ``seed``; keys are
-    case-insensitive, so the config's upper-case keys work too); other datasets ignore it.
+    ``options``: keyword arguments of the dataset class (the Synthetic set's generator sizes;
+    keys case-insensitive, so the config's upper-case keys work too).
     """
-    canonical = {n.lower(): n for n in DATASET_NAMES}.get(str(name).lower())
-    if canonical is None:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-    if canonical != "Synthetic":
-        return _FACTORY[canonical](root)
-    kwargs = {}
-    for key, value in (synthetic or {}).items():
-        key_l = str(key).lower()
-        if key_l not in _SYNTHETIC_KEYS:
-            raise ValueError(f"unknown synthetic dataset option {key!r}; valid options: "
-                             f"{', '.join(_SYNTHETIC_KEYS)}")
-        kwargs[key_l] = value
-    return Synthetic(root, **kwargs)
+    cls = dataset_class(name)
+    kwargs = {str(key).lower(): value for key, value in (options or {}).items()}
+    unknown = [key for key in kwargs if key not in cls.OPTIONS]
+    if unknown:
+        raise ValueError(f"unknown {cls.name} dataset option(s) {', '.join(unknown)}; valid "
+                         f"options: {', '.join(cls.OPTIONS) or 'none'}")
+    return cls(root, **kwargs)
+
+
+def build_dataset_from_config(cfg) -> ReIDDataset:
+    """The dataset ``DATASETS.NAMES`` names, built by its ``from_config``."""
+    return dataset_class(cfg.DATASETS.NAMES).from_config(cfg)
 
 
 def read_image(path: str) -> Image.Image:

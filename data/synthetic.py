@@ -38,6 +38,7 @@ __all__ = [
     "MODALITY_FOLDERS",
     "MASK_FOLDER",
     "META_NAME",
+    "DEFAULT_ARGS",
     "synthetic_args",
     "read_meta",
     "is_complete",
@@ -56,6 +57,9 @@ MODALITY_FOLDERS = ("RGB", "NI", "TI")
 MASK_FOLDER = "masks"
 #: Completion marker, written last and atomically.
 META_NAME = "meta.json"
+#: Generator arguments and their defaults (also the defaults of ``DATASETS.SYNTHETIC.*``).
+DEFAULT_ARGS = {"num_train_ids": 150, "num_test_ids": 50, "samples_per_id": 8, "height": 128,
+                "width": 64, "seed": 0, "num_cams": 4}
 
 _JPEG_QUALITY = 95
 
@@ -74,19 +78,14 @@ _BOX_PROB = 0.15
 # ---------------------------------------------------------------------------------------------
 # Arguments and the completion marker
 # ---------------------------------------------------------------------------------------------
-def synthetic_args(num_train_ids: int = 60, num_test_ids: int = 20, samples_per_id: int = 16,
-                   height: int = 128, width: int = 64, seed: int = 0,
-                   num_cams: int = 4) -> Dict[str, int]:
-    """Validate the generator arguments and return them as a plain dict (as stored in meta.json)."""
-    args = {
-        "num_train_ids": num_train_ids,
-        "num_test_ids": num_test_ids,
-        "samples_per_id": samples_per_id,
-        "height": height,
-        "width": width,
-        "seed": seed,
-        "num_cams": num_cams,
-    }
+def synthetic_args(**kwargs) -> Dict[str, int]:
+    """:data:`DEFAULT_ARGS` updated with ``kwargs``, validated, as a plain dict (as stored in
+    meta.json)."""
+    unknown = sorted(set(kwargs) - set(DEFAULT_ARGS))
+    if unknown:
+        raise TypeError(f"synthetic dataset: unknown argument(s) {', '.join(unknown)}; valid: "
+                        f"{', '.join(DEFAULT_ARGS)}")
+    args = {**DEFAULT_ARGS, **kwargs}
     for key, value in args.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise TypeError(f"synthetic dataset: {key} must be an integer, got {value!r}")
@@ -577,17 +576,18 @@ def _camera_plan(seed: int, pid: int, samples: int, num_cams: int) -> List[int]:
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
-def generate_synthetic(dataset_dir: str, num_train_ids: int = 60, num_test_ids: int = 20,
-                       samples_per_id: int = 16, height: int = 128, width: int = 64,
-                       seed: int = 0, num_cams: int = 4) -> None:
+def generate_synthetic(dataset_dir: str, **kwargs) -> None:
     """Write the synthetic dataset into ``dataset_dir`` (see the module docstring for the layout).
 
     Train identities are pids ``1..num_train_ids``, test identities the next ``num_test_ids``.
     Whatever an earlier generation left in the generated folders is removed first; ``meta.json``
-    is written last, atomically, and marks the generation as complete.
+    is written last, atomically, and marks the generation as complete. ``kwargs``: see
+    :data:`DEFAULT_ARGS`.
     """
-    args = synthetic_args(num_train_ids, num_test_ids, samples_per_id, height, width, seed,
-                          num_cams)
+    args = synthetic_args(**kwargs)
+    num_train_ids, num_test_ids, samples_per_id = (args["num_train_ids"], args["num_test_ids"],
+                                                   args["samples_per_id"])
+    height, width, seed, num_cams = args["height"], args["width"], args["seed"], args["num_cams"]
     os.makedirs(dataset_dir, exist_ok=True)
     _clear_generated(dataset_dir)
     cameras = [_draw_camera(seed, c, height, width) for c in range(num_cams)]

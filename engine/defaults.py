@@ -1,4 +1,5 @@
-"""Shared set-up of the command-line tools (detectron2's ``default_setup`` habits)."""
+"""Shared set-up of the command-line tools (detectron2's ``default_setup`` habits) and loading a
+trained model for evaluation and analysis."""
 import os
 import platform
 import sys
@@ -6,8 +7,9 @@ import sys
 import torch
 
 from config import cfg_from_args
+from utils.checkpoint import extract_model_state, load_checkpoint_file, load_model_weights
 from utils.dist import get_rank, init_distributed, is_main_process, local_rank, launched_by_torchrun
-from utils.logger import setup_logger
+from utils.logger import get_logger, setup_logger
 from utils.seed import seed_everything, set_deterministic
 
 
@@ -59,3 +61,33 @@ def default_setup(args, dump_config: bool = True):
     seed_everything(cfg.SOLVER.SEED + rank)
     set_deterministic(cfg.SOLVER.DETERMINISTIC)
     return cfg, device, logger
+
+
+def require_weight(cfg) -> None:
+    if not cfg.TEST.WEIGHT:
+        raise ValueError("TEST.WEIGHT is empty: name the checkpoint to evaluate, e.g. "
+                         "TEST.WEIGHT output/quickstart/model_best.pth")
+
+
+def load_weights(cfg, model) -> None:
+    """Load ``TEST.WEIGHT`` (a training checkpoint or model_best.pth) into ``model``."""
+    require_weight(cfg)
+    state = extract_model_state(load_checkpoint_file(cfg.TEST.WEIGHT))
+    load_model_weights(model, state, cfg.MODEL.LOAD_STRICT, cfg.TEST.WEIGHT)
+    get_logger().info("loaded weights from %s", cfg.TEST.WEIGHT)
+
+
+def load_trained(cfg):
+    """(device, data, model in eval mode with TEST.WEIGHT loaded, logger) for a built config, in
+    one process (the analysis tools)."""
+    from data.build import build_data
+    from modeling.model import build_model
+
+    logger = setup_logger()
+    require_weight(cfg)  # before the data is read
+    device = select_device(cfg)
+    seed_everything(cfg.SOLVER.SEED)
+    data = build_data(cfg)
+    model = build_model(cfg, data.num_classes, data.num_cams).to(device)
+    load_weights(cfg, model)
+    return device, data, model.eval(), logger

@@ -1,8 +1,10 @@
-"""Feature extraction and retrieval evaluation.
+"""Evaluation: evaluators (detectron2's reset / process / evaluate) and the one driver.
 
-``extract`` runs the model over an :class:`~data.build.EvalSet` (all ranks, each its contiguous
-shard; results gathered in rank order, so every sample is counted once and the order is kept).
-``evaluate`` turns the features into distances and CMC / mAP / mINP with ``utils.metrics``.
+:func:`inference_on_dataset` runs the model (eval mode) over an :class:`~data.build.EvalSet`
+(every rank its contiguous shard) and hands each batch's outputs to the evaluators; their
+``evaluate`` gathers the shards in rank order, so every sample is counted once and the order is
+kept. :func:`evaluate` does it with the evaluators ``TEST.EVALUATORS`` names and the config's
+test options; training, ``test_net.py`` and the tools all go through it.
 
 Missing-modality evaluation (``TEST.MISS``): the named modalities' inputs are replaced by zeros
 after normalisation, as in the published protocol. Flip TTA (``TEST.FLIP``) averages the features
@@ -10,21 +12,25 @@ of the image and its horizontal mirror.
 """
 import os
 from contextlib import nullcontext
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modeling.model import retrieval_feature
-from utils.dist import all_gather_tensor
+from modeling.heads import retrieval_feature
+from utils.dist import all_gather_tensor, collective_device
 from utils.metrics import compute_distance, evaluate_rank, random_ranking_map
+from utils.registry import Registry
 
 # The retrieval metrics of rank_metrics that every report shows.
 RANK_KEYS = ("mAP", "R1", "R5", "R10", "mINP")
 
 MISS_TO_MODALITIES = {"none": (), "r": (0,), "n": (1,), "t": (2,), "rn": (0, 1), "rt": (0, 2),
                       "nt": (1, 2)}
+
+# Evaluator classes by the names ``TEST.EVALUATORS`` lists; each has ``from_config(cfg, eval_set)``.
+EVALUATOR_REGISTRY = Registry("evaluator")
 
 
 def zero_missing(images: torch.Tensor, miss: str) -> torch.Tensor:
@@ -51,28 +57,141 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-@torch.no_grad()
-def extract(model, eval_set, device, feat: str, neck_feat: str, miss: str = "none",
-            flip: bool = False, amp: str = "off", feat_norm: str = "once",
-            extra_feats: Sequence[str] = ()) -> Dict:
-    """Features of every sample of ``eval_set`` (see :func:`retrieval_feature` for feat,
-    neck_feat and feat_norm).
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenation of every rank's ``tensor`` in rank order (the tensor itself without DDP)."""
+    return torch.cat(all_gather_tensor(tensor.to(collective_device()))).cpu()
 
-    Returns dict: feats (M, D) float32 CPU, extra_feats {name: (M, D')} for ``extra_feats`` (from
-    the same forward passes), pids/camids/sceneids/index (M,) int64 numpy,
-    num_skipped, and when the model selects tokens and masks exist: fg_kept / kept / fg_all / all
-    / fg_best patch counts (foreground = at least half of the patch's pixels on the person;
-    fg_best = sum over rows of min(foreground patches, kept patches): the foreground kept by a
-    perfect selection of the same size).
+
+class DatasetEvaluator:
+    """Accumulates what it needs from each batch and reduces it to metrics.
+
+    ``reset()`` before a pass; ``process(batch, outputs, flipped)`` for each batch of this rank's
+    shard (``outputs``: the model's eval outputs, ``flipped``: those of the mirrored images with
+    ``TEST.FLIP``, else None); ``evaluate()`` -> {metric: value}, called on every rank (it gathers
+    the shards; every rank gets the same result).
     """
+
+    def reset(self) -> None:
+        pass
+
+    def process(self, batch: Dict, outputs: Dict, flipped: Optional[Dict] = None) -> None:
+        pass
+
+    def evaluate(self) -> Dict:
+        return {}
+
+
+@EVALUATOR_REGISTRY.register("reid")
+class ReIDEvaluator(DatasetEvaluator):
+    """Retrieval metrics (mAP, CMC R1/R5/R10, mINP, chance mAP; re-ranked if configured) of the
+    feature ``feat``, and ``by_feat`` for each of ``report_feats`` (from the same passes).
+
+    After ``evaluate``, ``extracted`` holds feats (M, D) float32, extra_feats {name: (M, D')},
+    pids / camids / sceneids / index (M,) int64 numpy, in the evaluation set's order.
+    """
+
+    def __init__(self, eval_set, feat: str = "ori", neck_feat: str = "before",
+                 feat_norm: str = "once", report_feats: Sequence[str] = (),
+                 dist: str = "euclidean", reranker=None):
+        self.eval_set = eval_set
+        self.feat, self.neck_feat, self.feat_norm = feat, neck_feat, feat_norm
+        self.report_feats = tuple(report_feats)
+        self.names = (feat,) + tuple(n for n in report_feats if n != feat)
+        self.dist, self.reranker = dist, reranker
+        self.extracted: Optional[Dict] = None
+        self.reset()
+
+    @classmethod
+    def from_config(cls, cfg, eval_set) -> "ReIDEvaluator":
+        t = cfg.TEST
+        return cls(eval_set, t.FEAT, t.NECK_FEAT, t.FEAT_NORM, t.REPORT_FEATS, t.DIST,
+                   build_reranker(cfg))
+
+    def reset(self) -> None:
+        self._feats: Dict[str, List[torch.Tensor]] = {name: [] for name in self.names}
+        self._meta: Dict[str, List[torch.Tensor]] = {k: [] for k in ("pids", "camids", "sceneids", "index")}
+
+    def _feature(self, outputs: Dict, name: str) -> torch.Tensor:
+        return retrieval_feature(outputs["heads"], name, self.neck_feat, self.feat_norm).float()
+
+    def process(self, batch: Dict, outputs: Dict, flipped: Optional[Dict] = None) -> None:
+        for name in self.names:
+            f = self._feature(outputs, name)
+            if flipped is not None:
+                f = (f + self._feature(flipped, name)) / 2
+            self._feats[name].append(f.cpu())
+        for key in self._meta:
+            self._meta[key].append(batch[key])
+
+    def evaluate(self) -> Dict:
+        local = {name: torch.cat(v) if v else torch.zeros(0, 0) for name, v in self._feats.items()}
+        feats = {name: gather(v).float() for name, v in local.items()}
+        ex = {"feats": feats[self.feat], "extra_feats": {n: feats[n] for n in self.names[1:]}}
+        for key, v in self._meta.items():
+            ex[key] = gather(torch.cat(v) if v else torch.zeros(0, dtype=torch.long)).numpy().astype(np.int64)
+        self.extracted = ex
+        metrics = rank_metrics(ex, self.eval_set, self.dist, self.reranker)
+        if self.report_feats:
+            metrics["by_feat"] = {}
+            for name in self.report_feats:
+                other = metrics if name == self.feat else rank_metrics(
+                    {**ex, "feats": ex["extra_feats"][name]}, self.eval_set, self.dist, self.reranker)
+                metrics["by_feat"][name] = {k: other[k] for k in RANK_KEYS}
+        return metrics
+
+
+@EVALUATOR_REGISTRY.register("foreground")
+class ForegroundPrecisionEvaluator(DatasetEvaluator):
+    """Share of the kept patches that lie on the person, from the dataset's foreground masks and
+    the model's ``keep_mask`` (B, 3, N): ``fg_precision`` = kept foreground / kept, ``fg_share``
+    = foreground / all patches (a random selection's precision), ``fg_best`` = a perfect
+    selection's precision (per row min(foreground, kept) / kept). A patch is foreground when at
+    least half of its pixels are. Reports nothing without masks or without a selection."""
+
+    def __init__(self, eval_set=None):
+        self.eval_set = eval_set
+        self.reset()
+
+    @classmethod
+    def from_config(cls, cfg, eval_set) -> "ForegroundPrecisionEvaluator":  # noqa: ARG003
+        return cls(eval_set)
+
+    def reset(self) -> None:
+        self._counts = torch.zeros(5, dtype=torch.float64)  # fg kept, kept, fg, all, best
+
+    def process(self, batch: Dict, outputs: Dict, flipped: Optional[Dict] = None) -> None:
+        if "keep_mask" not in outputs or "masks" not in batch:
+            return
+        patch_size, stride = outputs["patch_geometry"]
+        fg = patch_foreground(batch["masks"], patch_size, stride) >= 0.5  # (B, N)
+        keep = outputs["keep_mask"].cpu()  # (B, 3, N)
+        fg3 = fg.unsqueeze(1).expand_as(keep)
+        best = torch.minimum(fg3.sum(-1), keep.sum(-1)).sum()
+        self._counts += torch.tensor([(keep & fg3).sum(), keep.sum(), fg3.sum(), fg3.numel(), best],
+                                     dtype=torch.float64)
+
+    def evaluate(self) -> Dict:
+        fg_kept, kept, fg_all, total, best = gather(self._counts.unsqueeze(0)).sum(0).tolist()
+        if kept == 0:
+            return {}
+        return {"fg_precision": fg_kept / kept, "fg_share": fg_all / total, "fg_best": best / kept}
+
+
+def build_evaluators(cfg, eval_set) -> List[DatasetEvaluator]:
+    """The evaluators ``TEST.EVALUATORS`` names, built for ``eval_set``."""
+    return [EVALUATOR_REGISTRY.get(name).from_config(cfg, eval_set) for name in cfg.TEST.EVALUATORS]
+
+
+@torch.no_grad()
+def inference_on_dataset(model, eval_set, evaluators: Sequence[DatasetEvaluator], device,
+                         miss: str = "none", flip: bool = False, amp: str = "off") -> Dict:
+    """Run ``model`` in eval mode over ``eval_set`` (this rank's shard) feeding ``evaluators``;
+    returns their merged results plus ``num_skipped`` (unreadable samples, all ranks)."""
     was_training = model.training
     model.eval()
-    names = (feat,) + tuple(n for n in extra_feats if n != feat)
-    feats = {name: [] for name in names}
-    meta = {k: [] for k in ("pids", "camids", "sceneids", "index")}
-    counts = torch.zeros(5, dtype=torch.float64)
+    for evaluator in evaluators:
+        evaluator.reset()
     skipped = 0
-    backbone = model.backbone
     for batch in eval_set.loader:
         skipped += batch["num_skipped"]
         if "images" not in batch:
@@ -80,36 +199,26 @@ def extract(model, eval_set, device, feat: str, neck_feat: str, miss: str = "non
         images = zero_missing(batch["images"].to(device, non_blocking=True), miss)
         cams = batch["camids"].to(device)
         with autocast_context(device, amp):
-            outputs = model(images, cams)
-            flipped = model(images.flip(-1), cams) if flip else None
-        for name in names:
-            f = retrieval_feature(outputs, name, neck_feat, feat_norm).float()
-            if flipped is not None:
-                f = (f + retrieval_feature(flipped, name, neck_feat, feat_norm).float()) / 2
-            feats[name].append(f.cpu())
-        for key in meta:
-            meta[key].append(batch[key])
-        if "keep_mask" in outputs and "masks" in batch:
-            fg = patch_foreground(batch["masks"], backbone.patch_size, backbone.stride) >= 0.5
-            keep = outputs["keep_mask"].cpu()  # (B, 3, N)
-            fg3 = fg.unsqueeze(1).expand_as(keep)
-            best = torch.minimum(fg3.sum(-1), keep.sum(-1)).sum()
-            counts += torch.tensor([(keep & fg3).sum(), keep.sum(), fg3.sum(), fg3.numel(), best],
-                                   dtype=torch.float64)
+            outputs = model({"images": images, "camids": cams})
+            flipped = model({"images": images.flip(-1), "camids": cams}) if flip else None
+        for evaluator in evaluators:
+            evaluator.process(batch, outputs, flipped)
     model.train(was_training)
-    local = {f"feats/{name}": torch.cat(v) if v else torch.zeros(0, 0) for name, v in feats.items()}
-    local.update({k: torch.cat(v) if v else torch.zeros(0, dtype=torch.long) for k, v in meta.items()})
-    result = {k: torch.cat(all_gather_tensor(v.to(device))).cpu() for k, v in local.items()}
-    stats = torch.cat([counts, torch.tensor([float(skipped)], dtype=torch.float64)])
-    totals = torch.cat(all_gather_tensor(stats.unsqueeze(0).to(device))).sum(0).cpu()
-    out = {"feats": result[f"feats/{feat}"].float(),
-           "extra_feats": {name: result[f"feats/{name}"].float() for name in names[1:]}}
-    out.update({k: result[k].numpy().astype(np.int64) for k in meta})
-    out["num_skipped"] = int(totals[5])
-    if totals[1] > 0:
-        out.update(fg_kept=float(totals[0]), kept=float(totals[1]), fg_all=float(totals[2]),
-                   all=float(totals[3]), fg_best=float(totals[4]))
-    return out
+    results: Dict = {}
+    for evaluator in evaluators:
+        results.update(evaluator.evaluate())
+    results["num_skipped"] = int(gather(torch.tensor([float(skipped)])).sum())
+    return results
+
+
+def evaluate(model, eval_set, cfg, device, miss: Optional[str] = None,
+             evaluators: Optional[Sequence[DatasetEvaluator]] = None) -> Dict:
+    """Evaluate one evaluation set with the config's evaluators (or ``evaluators``) and test
+    options (TEST.MISS unless ``miss``, FLIP, AMP)."""
+    if evaluators is None:
+        evaluators = build_evaluators(cfg, eval_set)
+    return inference_on_dataset(model, eval_set, evaluators, device,
+                                miss if miss is not None else cfg.TEST.MISS, cfg.TEST.FLIP, cfg.TEST.AMP)
 
 
 def split_query_gallery(extracted: Dict, eval_set):
@@ -142,39 +251,7 @@ def rank_metrics(extracted: Dict, eval_set, dist_metric: str, rerank=None) -> Di
                "num_gallery": int(g.sum()), "chance_mAP": chance}
     for k in (1, 5, 10):
         metrics[f"R{k}"] = float(cmc[min(k, len(cmc)) - 1])
-    if "kept" in extracted:
-        metrics["fg_precision"] = extracted["fg_kept"] / extracted["kept"]
-        metrics["fg_share"] = extracted["fg_all"] / extracted["all"]
-        metrics["fg_best"] = extracted["fg_best"] / extracted["kept"]
     return metrics
-
-
-def extract_with_cfg(model, eval_set, cfg, device, miss: Optional[str] = None) -> Dict:
-    """``extract`` with the config's test options (TEST.FEAT, NECK_FEAT, FEAT_NORM, REPORT_FEATS,
-    MISS, FLIP, AMP)."""
-    return extract(model, eval_set, device, cfg.TEST.FEAT, cfg.TEST.NECK_FEAT,
-                   miss if miss is not None else cfg.TEST.MISS, cfg.TEST.FLIP, cfg.TEST.AMP,
-                   cfg.TEST.FEAT_NORM, cfg.TEST.REPORT_FEATS)
-
-
-def score_extracted(extracted: Dict, eval_set, cfg) -> Dict:
-    """Metrics of ``extracted["feats"]`` (``rank_metrics``, re-ranked if configured), with
-    ``by_feat``: {name: metrics} of each ``TEST.REPORT_FEATS`` feature (TEST.FEAT included)."""
-    reranker = build_reranker(cfg)
-    metrics = rank_metrics(extracted, eval_set, cfg.TEST.DIST, reranker)
-    metrics["num_skipped"] = extracted["num_skipped"]
-    if extracted["extra_feats"] or cfg.TEST.REPORT_FEATS:
-        metrics["by_feat"] = {}
-        for name in cfg.TEST.REPORT_FEATS:
-            other = metrics if name == cfg.TEST.FEAT else rank_metrics(
-                {**extracted, "feats": extracted["extra_feats"][name]}, eval_set, cfg.TEST.DIST, reranker)
-            metrics["by_feat"][name] = {k: other[k] for k in RANK_KEYS}
-    return metrics
-
-
-def evaluate(model, eval_set, cfg, device, miss: Optional[str] = None) -> Dict:
-    """Extract and score one evaluation set with the config's test options (re-ranking too)."""
-    return score_extracted(extract_with_cfg(model, eval_set, cfg, device, miss), eval_set, cfg)
 
 
 def build_reranker(cfg):

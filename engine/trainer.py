@@ -1,33 +1,32 @@
-"""A plain epoch loop (torchreid style) with small override points.
+"""A plain epoch loop with hooks (detectron2's ``HookBase`` pattern, see ``engine/hooks.py``).
 
-Override points: :meth:`Trainer.compute_loss`, :meth:`Trainer.train_step`,
-:meth:`Trainer.after_step` (logging), :meth:`Trainer.evaluate_all`.
+The trainer itself only steps: per iteration ``model(batch)`` returns its losses, the trainer
+sums and back-propagates them (mixed precision, gradient clipping, skipping non-finite steps);
+learning rates, logging, evaluation, best-checkpoint selection, checkpointing and SIGTERM
+handling are hooks.
 
 Reproducibility and resume: epoch ``e`` seeds python/numpy/torch, the identity sampler and the
 loader's worker seeds from ``SOLVER.SEED + e``. A checkpoint records the position as
 (epoch, iteration) plus every RNG state; ``--resume`` re-creates the epoch's batch order, skips
 the batches already trained on, restores the RNG states and continues, so an interrupted run ends
 with the same weights as an uninterrupted one (bit-exact on CPU with ``SOLVER.DETERMINISTIC``).
-Checkpoints are written atomically (see ``utils.checkpoint``). SIGTERM (a cluster pre-empting the
-job) writes a checkpoint at the current iteration and exits.
+Checkpoints are written atomically (see ``utils.checkpoint``).
 """
 import json
 import os
-import signal
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from engine.evaluator import autocast_context, evaluate, format_metrics
-from modeling.losses import ReIDCriterion
-from modeling.sdtps import PAIR_NAMES, diagnostics_summary
-from solver.build import build_optimizer, build_scheduler, lr_by_kind, set_epoch_lr
+from engine.evaluator import autocast_context, format_metrics
+from engine.hooks import HookBase, default_hooks
+from solver.build import build_optimizer, build_scheduler
 from utils import checkpoint as ckpt
-from utils.dist import (all_gather_object, any_rank, barrier, broadcast_buffers, get_rank,
+from utils.dist import (all_gather_object, any_rank, barrier, get_rank,
                         get_world_size, is_distributed, is_main_process)
 from utils.logger import get_logger
 from utils.seed import get_rng_state, seed_everything, set_rng_state
@@ -42,9 +41,14 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Trainer:
-    """Trains ``model`` on ``data`` (a :class:`data.build.DataBundle`) as configured by ``cfg``."""
+    """Trains ``model`` on ``data`` (a :class:`data.build.DataBundle`) as configured by ``cfg``.
 
-    def __init__(self, cfg, model: torch.nn.Module, data, device: torch.device):
+    ``hooks``: extra :class:`~engine.hooks.HookBase` hooks, run after the default writer and
+    before evaluation and checkpointing (``engine.hooks.default_hooks``).
+    """
+
+    def __init__(self, cfg, model: torch.nn.Module, data, device: torch.device,
+                 hooks: Sequence[HookBase] = ()):
         self.cfg = cfg
         self.device = device
         self.data = data
@@ -70,7 +74,6 @@ class Trainer:
                                 "mixed precision that runs on CPU)", device)
             self.amp = "off"
         self.scaler = torch.amp.GradScaler(device.type, enabled=(self.amp == "fp16"))
-        self.criterion = ReIDCriterion(cfg)
         self.start_epoch, self.start_iter = 0, 0
         self.resume_rng: Optional[dict] = None
         self.best: Optional[Dict] = None
@@ -80,11 +83,26 @@ class Trainer:
         self.skipped_train_images = 0  # unreadable training images skipped (SKIP_BAD_IMAGES)
         self.global_step = 0
         self.stop_requested = False
-        self.writer = None
-        if is_main_process():
-            from torch.utils.tensorboard import SummaryWriter
+        self.writer = None  # TensorBoard SummaryWriter (rank 0), opened by the PeriodicWriter hook
+        self.epoch, self.iter, self.num_iters = 0, 0, 0
+        self.step_result: Optional[Dict] = None
+        self.bar = None
+        self.hooks: List[HookBase] = []
+        self.register_hooks(default_hooks(cfg, hooks))
 
-            self.writer = SummaryWriter(os.path.join(self.output_dir, "tb"))
+    def register_hooks(self, hooks: Sequence[HookBase]) -> None:
+        """Append ``hooks`` (called in registration order)."""
+        for hook in hooks:
+            hook.trainer = self
+            self.hooks.append(hook)
+
+    def _call_hooks(self, stage: str) -> None:
+        for hook in self.hooks:
+            getattr(hook, stage)()
+
+    @property
+    def final_epoch(self) -> bool:
+        return self.epoch + 1 == self.cfg.SOLVER.MAX_EPOCHS
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, epoch: int, iteration: int) -> dict:
@@ -157,31 +175,29 @@ class Trainer:
                          self.start_iter)
         return True
 
-    # ------------------------------------------------------------------ losses and steps
-    def compute_loss(self, outputs: Dict, pids: torch.Tensor):
-        """(loss, parts, acc) of a batch; override to change the objective."""
-        return self.criterion(outputs, pids, self.model.loss_weights)
-
+    # ------------------------------------------------------------------ steps
     def train_step(self, batch: Dict) -> Dict:
-        images = batch["images"].to(self.device, non_blocking=True)
-        pids = batch["pids"].to(self.device)
-        cams = batch["camids"].to(self.device)
+        """One optimisation step on ``batch``: {"finite", "loss" (0-d tensor), "losses",
+        "scalars", "histograms"} (the last three as the model returned them)."""
+        inputs = {key: batch[key].to(self.device, non_blocking=True)
+                  for key in ("images", "camids", "pids")}
         with autocast_context(self.device, self.amp):
-            outputs = self.train_model(images, cams)
-            loss, parts, acc = self.compute_loss(outputs, pids)
+            out = self.train_model(inputs)
+            loss = sum(out["losses"].values())
         finite = torch.isfinite(loss.detach()).float()
         if is_distributed():  # every rank must agree to step or to skip
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         self.optimizer.zero_grad(set_to_none=True)
-        if finite.item() < 1:
-            return {"finite": False, "loss": loss.item(), "outputs": outputs}
+        result = {"finite": bool(finite.item() >= 1), "loss": loss.detach(), **out}
+        if not result["finite"]:
+            return result
         self.scaler.scale(loss).backward()
         if self.cfg.SOLVER.GRAD_CLIP > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.SOLVER.GRAD_CLIP)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return {"finite": True, "loss": loss.item(), "acc": acc, "parts": parts, "outputs": outputs}
+        return result
 
     def handle_nonfinite(self, result: Dict, epoch: int, iteration: int) -> None:
         if result["finite"]:
@@ -190,44 +206,12 @@ class Trainer:
         self.nonfinite_streak += 1
         self.nonfinite_steps += 1
         self.logger.warning("non-finite loss (%s) at epoch %d iteration %d: step skipped (%d in a row)",
-                            result["loss"], epoch + 1, iteration + 1, self.nonfinite_streak)
+                            float(result["loss"]), epoch + 1, iteration + 1, self.nonfinite_streak)
         if self.nonfinite_streak >= self.cfg.SOLVER.MAX_NONFINITE:
             raise NonFiniteLossError(
                 f"{self.nonfinite_streak} consecutive non-finite losses (SOLVER.MAX_NONFINITE); "
                 f"stopping. The last good checkpoint in {self.output_dir} is intact: lower the "
                 f"learning rate or switch SOLVER.AMP, then resume with --resume.")
-
-    def after_step(self, result: Dict, epoch: int, iteration: int, num_iters: int) -> None:
-        """Log scalars every LOG_PERIOD iterations (rank 0)."""
-        if not result["finite"] or self.writer is None:
-            return
-        step = self.global_step
-        self.writer.add_scalar("train/loss", result["loss"], step)
-        self.writer.add_scalar("train/acc", result["acc"], step)
-        for key, value in result["parts"].items():
-            self.writer.add_scalar(f"train/{key}", value, step)
-        if (iteration + 1) % self.cfg.SOLVER.LOG_PERIOD == 0 or iteration + 1 == num_iters:
-            self.logger.info("epoch %d iter %d/%d  loss %.4f  acc %.3f", epoch + 1,
-                             iteration + 1, num_iters, result["loss"], result["acc"])
-            self.log_diagnostics(result["outputs"], step)
-
-    def log_diagnostics(self, outputs: Dict, step: int) -> None:
-        """TensorBoard diagnostics: per scored SDTPS pair the gate mean/min/max, a per-head gate
-        histogram and the guides' keep-mask agreement; the mean ATMoE gate weight per expert."""
-        if "sdtps" in outputs:
-            diag = outputs["sdtps"].diagnostics
-            for key, value in diagnostics_summary(diag).items():
-                self.writer.add_scalar(key, value, step)
-            gates = diag.gates.detach().float().cpu()  # (B, 3, 3, H, N)
-            for m in range(3):
-                for j in range(3):
-                    for h in range(gates.shape[3]):
-                        self.writer.add_histogram(f"sdtps/gate_hist/{PAIR_NAMES[3 * m + j]}/head{h}",
-                                                  gates[:, m, j, h], step)
-        if "moe_gates" in outputs:
-            weights = outputs["moe_gates"].detach().float().mean(dim=(0, 1)).cpu()
-            for e, w in enumerate(weights):
-                self.writer.add_scalar(f"atmoe/expert{e}_weight", float(w), step)
 
     # ------------------------------------------------------------------ loop
     def _seed_epoch(self, epoch: int) -> None:
@@ -243,10 +227,11 @@ class Trainer:
         self.model.train()
         self._seed_epoch(epoch)
         loader = self.data.train_loader
-        num_iters = len(loader)
+        self.num_iters = num_iters = len(loader)
         skip = self.start_iter if epoch == self.start_epoch else 0
-        bar = tqdm(loader, total=num_iters, desc=f"epoch {epoch + 1}/{self.cfg.SOLVER.MAX_EPOCHS}",
-                   disable=not (is_main_process() and sys.stderr.isatty()), leave=False)
+        self.bar = bar = tqdm(loader, total=num_iters,
+                              desc=f"epoch {epoch + 1}/{self.cfg.SOLVER.MAX_EPOCHS}",
+                              disable=not (is_main_process() and sys.stderr.isatty()), leave=False)
         skipped_images = 0
         for iteration, batch in enumerate(bar):
             if iteration < skip:  # already trained on before the interruption
@@ -266,19 +251,13 @@ class Trainer:
                 self.logger.warning("epoch %d iteration %d: no readable image in the batch; step "
                                     "skipped", epoch + 1, iteration + 1)
                 continue
-            result = self.train_step(batch)
-            self.handle_nonfinite(result, epoch, iteration)
+            self.iter = iteration
+            self._call_hooks("before_step")
+            self.step_result = self.train_step(batch)
+            self.handle_nonfinite(self.step_result, epoch, iteration)
             self.global_step += 1
-            self.after_step(result, epoch, iteration, num_iters)
-            if result["finite"]:
-                bar.set_postfix(loss=f"{result['loss']:.3f}", acc=f"{result['acc']:.2f}")
-            # Under DDP the ranks receive a signal at slightly different moments: they agree
-            # after every step, so all of them stop after the same iteration.
-            stop = any_rank(self.stop_requested, self.device) if is_distributed() else self.stop_requested
-            if stop:
-                self.save_checkpoint(epoch, iteration + 1)
-                raise SystemExit(f"stopped by signal at epoch {epoch + 1} iteration {iteration + 1}; "
-                                 f"resume with --resume")
+            self._call_hooks("after_step")
+        self.bar = None
         self._count_skipped_images(epoch, skipped_images)
 
     def _count_skipped_images(self, epoch: int, skipped: int) -> None:
@@ -292,69 +271,19 @@ class Trainer:
                                 "(DATALOADER.SKIP_BAD_IMAGES); %d in this run so far", epoch + 1,
                                 int(total.item()), self.skipped_train_images)
 
-    def evaluate_all(self, epoch: int) -> Dict[str, Dict]:
-        # every rank extracts its shard with rank 0's BatchNorm statistics (those it checkpoints)
-        broadcast_buffers(self.model)
-        results = {}
-        for name, eval_set in self.data.eval_sets.items():
-            metrics = evaluate(self.model, eval_set, self.cfg, self.device)
-            results[name] = metrics
-            self.logger.info("epoch %d %s [%s feature]: %s", epoch + 1, name, self.cfg.TEST.FEAT,
-                             format_metrics(metrics))
-            if self.writer is not None:
-                for key in ("mAP", "R1", "mINP", "fg_precision"):
-                    if key in metrics:
-                        self.writer.add_scalar(f"{name}/{key}", metrics[key], epoch + 1)
-        return results
-
-    def _update_best(self, epoch: int, results: Dict[str, Dict]) -> None:
-        split = "val" if "val" in results else "test"
-        score = results[split]["mAP"]
-        if self.best is None or score > self.best["mAP"]:
-            self.best = {"epoch": epoch + 1, "split": split, "mAP": score, "metrics": results}
-            if is_main_process():
-                ckpt.atomic_torch_save(ckpt.with_checksum(
-                    {"model": self.model.state_dict(), "epoch": epoch + 1, "metrics": results,
-                     "cfg": self.cfg.dump()}), os.path.join(self.output_dir, "model_best.pth"))
-
-    def set_lr(self, epoch: int) -> None:
-        """Set the epoch's learning rates (before its first iteration) and log one per group kind."""
-        set_epoch_lr(self.scheduler, epoch, self.cfg.SOLVER.SCHEDULE_START)
-        lrs = lr_by_kind(self.optimizer)
-        self.logger.info("epoch %d lr: %s", epoch + 1,
-                         ", ".join(f"{kind} {lr:.6e}" for kind, lr in lrs.items()))
-        if self.writer is not None:
-            for kind, lr in lrs.items():
-                self.writer.add_scalar(f"lr/{kind}", lr, epoch + 1)
-
-    def request_stop(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
-        self.logger.warning("signal %d received: checkpointing after this iteration", signum)
-        self.stop_requested = True
-
     def train(self) -> Dict:
         """Run the remaining epochs; returns the final summary (also written to summary.json)."""
-        cfg = self.cfg
-        previous = signal.signal(signal.SIGTERM, self.request_stop)
         start = time.time()
-        last = None
+        self._call_hooks("before_train")
         try:
-            for epoch in range(self.start_epoch, cfg.SOLVER.MAX_EPOCHS):
-                t0 = time.time()
-                self.set_lr(epoch)
+            for epoch in range(self.start_epoch, self.cfg.SOLVER.MAX_EPOCHS):
+                self.epoch = epoch
+                self._call_hooks("before_epoch")
                 self.train_epoch(epoch)
-                self.logger.info("epoch %d done in %.1f s", epoch + 1, time.time() - t0)
-                final = epoch + 1 == cfg.SOLVER.MAX_EPOCHS
-                if (epoch + 1) % cfg.SOLVER.EVAL_PERIOD == 0 or final:
-                    last = {"epoch": epoch + 1, "results": self.evaluate_all(epoch)}
-                    self.history.append(last)
-                    self._update_best(epoch, last["results"])
-                if (epoch + 1) % cfg.SOLVER.CHECKPOINT_PERIOD == 0 or final:
-                    self.save_checkpoint(epoch + 1, 0)
+                self._call_hooks("after_epoch")
         finally:
-            signal.signal(signal.SIGTERM, previous)
-        if last is None and self.history:
-            last = self.history[-1]
-        return self.finish(last, time.time() - start)
+            self._call_hooks("after_train")
+        return self.finish(self.history[-1] if self.history else None, time.time() - start)
 
     def best_on_test(self) -> Optional[Dict]:
         """The evaluation with the highest test mAP (the published protocol: the epoch is chosen on
@@ -392,6 +321,4 @@ class Trainer:
         if is_main_process():
             with open(os.path.join(self.output_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2, default=float)
-            if self.writer is not None:
-                self.writer.flush()
         return summary

@@ -20,6 +20,7 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import checkpoint_filter_fn
 
+from modeling.registry import BACKBONE_REGISTRY
 from utils.logger import get_logger
 
 
@@ -55,6 +56,7 @@ def read_weight_file(path: str) -> dict:
     return {k: v for k, v in obj.items() if torch.is_tensor(v)}
 
 
+@BACKBONE_REGISTRY.register("vit")
 class ViTBackbone(nn.Module):
     """timm ViT returning all tokens.
 
@@ -92,6 +94,18 @@ class ViTBackbone(nn.Module):
             self.load_pretrained(pretrain_path)
         else:
             logger.info("backbone %s: no MODEL.PRETRAIN_PATH, starting from random init", name)
+
+    @classmethod
+    def from_config(cls, cfg, num_cams: int) -> "ViTBackbone":
+        m = cfg.MODEL
+        return cls(m.BACKBONE, cfg.INPUT.SIZE_TRAIN, m.STRIDE_SIZE, num_cams, depth=m.BACKBONE_DEPTH,
+                   drop_path=m.DROP_PATH, proj_dim=m.PROJ_DIM, sie_camera=m.SIE_CAMERA,
+                   sie_coe=m.SIE_COE, pretrain_path=m.PRETRAIN_PATH, reg_tokens=m.REG_TOKENS,
+                   pos_embed_resize=m.POS_EMBED_RESIZE)
+
+    def tower_parameters(self):
+        """Parameters of the ViT tower (not the camera embedding): ``SOLVER.BACKBONE_LR``."""
+        return self.vit.parameters()
 
     @property
     def grid_size(self) -> Tuple[int, int]:

@@ -1,4 +1,4 @@
-"""DGAF: dual-gated adaptive fusion of the tokens kept by SDTPS.
+"""DGAF: dual-gated adaptive fusion of the tokens kept by SDTPS (registered fusion "dgaf").
 
 Shapes: B batch, M = 3 modalities (RGB, NI, TI), N patches, C channels.
 
@@ -23,7 +23,19 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from modeling.registry import FUSION_REGISTRY
+
 ENTROPY_EPS = 1e-12
+
+
+def check_init_alpha(init_alpha: float) -> None:
+    if not 0.0 < init_alpha < 1.0:
+        raise ValueError(f"init_alpha must be in (0, 1), got {init_alpha}")
+
+
+def check_tau(tau: float) -> None:
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
 
 
 class WeightedAttentionPool(nn.Module):
@@ -94,6 +106,7 @@ class DGAFDetails(NamedTuple):
     fused: torch.Tensor  # (B, C) h_f
 
 
+@FUSION_REGISTRY.register("dgaf")
 class DGAF(nn.Module):
     """Dual-gated adaptive fusion (see the module docstring for the equations).
 
@@ -113,11 +126,10 @@ class DGAF(nn.Module):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
-        if not 0.0 < init_alpha < 1.0:
-            raise ValueError(f"init_alpha must be in (0, 1), got {init_alpha}")
-        self.dim, self.num_heads, self.tau, self.init_alpha = dim, num_heads, float(tau), init_alpha
+        check_tau(tau)
+        check_init_alpha(init_alpha)
+        self.dim, self.out_dim, self.num_heads, self.tau, self.init_alpha = (
+            dim, 3 * dim, num_heads, float(tau), init_alpha)
         self.queries = nn.Parameter(torch.empty(3, dim))  # one pooling query per modality
         self.pool_attn = WeightedAttentionPool(dim, num_heads)
         self.pool_norm = nn.LayerNorm(dim)
@@ -127,6 +139,20 @@ class DGAF(nn.Module):
         self.fuse_proj = nn.Linear(dim, dim)
         self.fuse_norm = nn.LayerNorm(dim)
         self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, cfg, dim: int) -> "DGAF":
+        d = cfg.MODEL.DGAF
+        return cls(dim, num_heads=d.NUM_HEADS, tau=d.TAU, init_alpha=d.INIT_ALPHA)
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        """ValueError naming the MODEL.DGAF key of a value the module would refuse."""
+        for key, check in (("INIT_ALPHA", check_init_alpha), ("TAU", check_tau)):
+            try:
+                check(cfg.MODEL.DGAF[key])
+            except ValueError as exc:
+                raise ValueError(f"MODEL.DGAF.{key}: {exc}") from None
 
     def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.queries, std=0.02)

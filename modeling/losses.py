@@ -3,10 +3,21 @@
 * :class:`CrossEntropyLabelSmooth`: cross entropy with label smoothing epsilon.
 * :class:`TripletLoss`: batch-hard triplet loss (hardest positive, hardest negative per anchor)
   on euclidean distances, with a margin or the soft margin log(1 + exp(d_ap - d_an)).
+* :class:`ReIDLoss` ("reid"): both, for every BNNeck head of the model.
+
+``LOSS_REGISTRY`` holds the model's objectives, selected by ``MODEL.LOSSES``: each entry is an
+nn.Module with ``from_config(cfg, model)`` (the model has its heads and ``loss_weights`` by
+then) and ``forward(outputs, pids) -> {name: scalar}``; the objective is the sum over all of them.
 """
+from typing import Dict, Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from utils.registry import Registry
+
+LOSS_REGISTRY = Registry("loss")
 
 
 class CrossEntropyLabelSmooth(nn.Module):
@@ -48,28 +59,35 @@ class TripletLoss(nn.Module):
         return F.relu(diff + self.margin).mean()
 
 
-class ReIDCriterion:
-    """The training objective: sum over heads of w_head x (ID_W x CE + TRI_W x triplet).
+@LOSS_REGISTRY.register("reid")
+class ReIDLoss(nn.Module):
+    """ID + triplet loss of each BNNeck head: ``w_head x ID_LOSS_WEIGHT x CE`` and
+    ``w_head x TRIPLET_LOSS_WEIGHT x batch-hard triplet``.
 
-    __call__(outputs (the model's dict), pids (B,), loss_weights {head: w}) ->
-    (total loss, {"<head>/id": float, "<head>/triplet": float}, accuracy of the first head).
+    forward(outputs with ``heads`` {name: HeadOutput}, pids (B,)) ->
+    {"<head>/id": scalar, "<head>/triplet": scalar}. ``head_weights``: {head: w}, 1 if absent.
     """
 
-    def __init__(self, cfg):
-        m = cfg.MODEL
-        self.id_weight = m.ID_LOSS_WEIGHT
-        self.triplet_weight = m.TRIPLET_LOSS_WEIGHT
-        self.id_loss = CrossEntropyLabelSmooth(m.LABEL_SMOOTH)
-        self.triplet_loss = TripletLoss(m.TRIPLET_MARGIN, m.TRIPLET_SOFT_MARGIN)
+    def __init__(self, id_weight: float = 1.0, triplet_weight: float = 1.0,
+                 label_smooth: float = 0.1, margin: float = 0.3, soft_margin: bool = True,
+                 head_weights: Optional[Dict[str, float]] = None):
+        super().__init__()
+        self.id_weight = id_weight
+        self.triplet_weight = triplet_weight
+        self.head_weights = dict(head_weights or {})
+        self.id_loss = CrossEntropyLabelSmooth(label_smooth)
+        self.triplet_loss = TripletLoss(margin, soft_margin)
 
-    def __call__(self, outputs, pids: torch.Tensor, loss_weights):
-        total, parts, acc = 0.0, {}, None
-        for name, (feat, _, logits) in outputs["heads"].items():
-            id_loss = self.id_loss(logits, pids)
-            tri_loss = self.triplet_loss(feat, pids)
-            total = total + loss_weights[name] * (self.id_weight * id_loss + self.triplet_weight * tri_loss)
-            parts[f"{name}/id"] = id_loss.item()
-            parts[f"{name}/triplet"] = tri_loss.item()
-            if acc is None:
-                acc = (logits.argmax(1) == pids).float().mean().item()
-        return total, parts, acc
+    @classmethod
+    def from_config(cls, cfg, model) -> "ReIDLoss":
+        m = cfg.MODEL
+        return cls(m.ID_LOSS_WEIGHT, m.TRIPLET_LOSS_WEIGHT, m.LABEL_SMOOTH, m.TRIPLET_MARGIN,
+                   m.TRIPLET_SOFT_MARGIN, model.loss_weights)
+
+    def forward(self, outputs: Dict, pids: torch.Tensor) -> Dict[str, torch.Tensor]:
+        losses = {}
+        for name, head in outputs["heads"].items():
+            w = self.head_weights.get(name, 1.0)
+            losses[f"{name}/id"] = w * (self.id_weight * self.id_loss(head.logits, pids))
+            losses[f"{name}/triplet"] = w * (self.triplet_weight * self.triplet_loss(head.feat, pids))
+        return losses

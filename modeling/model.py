@@ -1,4 +1,5 @@
-"""The tri-modal ReID model: shared ViT backbone, optional DeMo modules and SDTPS/DGAF, BNNeck heads.
+"""The tri-modal ReID model: shared backbone, optional DeMo modules, token selection and fusion,
+BNNeck heads, and its own training objective.
 
 Data flow for a batch of B triplets (modality order RGB, NI, TI), C = backbone output width:
 
@@ -8,79 +9,102 @@ Data flow for a batch of B triplets (modality order RGB, NI, TI), C = backbone o
                                                          or heads "ori_rgb/ori_ni/ori_ti" on (B, C)
     HDM:    seven decoupled features (B, 7, C)        -> head "hdm" on (B, 7C)  (without ATMoE)
     ATMoE:  mixture of experts over HDM's features    -> head "moe" on (B, 7C)
-    SDTPS:  top-K patches per modality: keep mask and straight-through weights (B, 3, N)
-            DGAF(P, weights) or mean over kept        -> head "fused" on (B, 3C)
-    DGAF without SDTPS fuses all patches (weights all 1).
+    selection (MODEL.SELECTION.NAME, e.g. sdtps): pooling weights (B, 3, N), 0 = dropped
+    fusion (MODEL.FUSION.NAME, e.g. mean, dgaf): fusion(P, weights) -> head "fused"
+    (without a selection the fusion reads every patch, weights all 1).
 
-Every head is a BNNeck trained with ID + triplet losses; the loss weight of "fused" is
-MODEL.SDTPS.LOSS_WEIGHT, the others 1. ``TEST.FEAT`` chooses the retrieval feature (see
-:func:`retrieval_feature`).
+Every head is a BNNeck; the objective is the sum of the losses of MODEL.LOSSES (by default "reid":
+ID + triplet on every head, the loss weight of "fused" MODEL.FUSION.LOSS_WEIGHT, the others 1). ``TEST.FEAT`` chooses the retrieval feature
+(``modeling.heads.RETRIEVAL_FEATURES``).
 """
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+# The built-in parts register themselves on import.
+import modeling.backbone  # noqa: F401
+import modeling.dgaf  # noqa: F401
+import modeling.fusion  # noqa: F401
+import modeling.sdtps  # noqa: F401
 from modeling.atmoe import ATMoE
-from modeling.backbone import ViTBackbone
-from modeling.dgaf import DGAF
 from modeling.hdm import HDM
-from modeling.heads import BNNeckHead
+from modeling.heads import MODALITIES, BNNeckHead, HeadOutput
+from modeling.losses import LOSS_REGISTRY
 from modeling.pife import PIFE
-from modeling.sdtps import MultiModalSDTPS, weighted_mean
+from modeling.registry import BACKBONE_REGISTRY, FUSION_REGISTRY, SELECTION_REGISTRY
 
-MODALITIES = ("rgb", "ni", "ti")
+
+def head_names(cfg) -> Tuple[str, ...]:
+    """The BNNeck heads a model built from ``cfg`` has, in order."""
+    m = cfg.MODEL
+    names = ["ori"] if m.DIRECT else [f"ori_{name}" for name in MODALITIES]
+    if m.HDM.ENABLED:
+        names.append("moe" if m.ATMOE.ENABLED else "hdm")
+    if m.FUSION.NAME != "none":
+        names.append("fused")
+    return tuple(names)
 
 
 class MultiModalReID(nn.Module):
-    """forward(images (B, 3, 3, H, W), cam_ids (B,)) -> dict with
+    """forward(batch) with ``images`` (B, 3, 3, H, W), ``camids`` (B,) and, in training,
+    ``pids`` (B,):
 
-    * ``heads``: name -> (feat (B, D), feat_bn (B, D), logits (B, num_classes))
-    * ``keep_mask`` (B, 3, N) bool and ``sdtps`` (the selection output) when SDTPS is on
-    * ``moe_gates`` (B, heads, 7) when ATMoE is on
+    * training: ``{"losses": {name: scalar}, "scalars": {name: 0-d tensor},
+      "histograms": {name: tensor}}``; the objective is the sum of the losses;
+    * eval: the outputs of :meth:`forward_features`.
+
+    The selection and fusion modules are children named after their registry entry (``sdtps``,
+    ``dgaf``, ...), so checkpoints name their parameters ``sdtps.*``, ``dgaf.*``.
     """
 
     def __init__(self, cfg, num_classes: int, num_cams: int):
         super().__init__()
         m = cfg.MODEL
-        self.backbone = ViTBackbone(
-            m.BACKBONE, cfg.INPUT.SIZE_TRAIN, m.STRIDE_SIZE, num_cams, depth=m.BACKBONE_DEPTH,
-            drop_path=m.DROP_PATH, proj_dim=m.PROJ_DIM, sie_camera=m.SIE_CAMERA,
-            sie_coe=m.SIE_COE, pretrain_path=m.PRETRAIN_PATH, reg_tokens=m.REG_TOKENS,
-            pos_embed_resize=m.POS_EMBED_RESIZE)
+        self.backbone = BACKBONE_REGISTRY.get(m.BACKBONE_TYPE).from_config(cfg, num_cams)
         dim = self.backbone.out_dim
         self.direct = m.DIRECT
-        heads = {}
-        if self.direct:
-            heads["ori"] = BNNeckHead(3 * dim, num_classes)
-        else:
-            for name in MODALITIES:
-                heads[f"ori_{name}"] = BNNeckHead(dim, num_classes)
+        names = head_names(cfg)
+        # Created in this order (ori heads, DeMo modules, hdm/moe head, selection, fusion, fused
+        # head), so that a seed gives the same initial weights as earlier versions.
+        heads = {name: BNNeckHead(3 * dim if name == "ori" else dim, num_classes)
+                 for name in names if name.startswith("ori")}
         self.pife = PIFE(dim) if m.PIFE.ENABLED else None
         self.hdm = HDM(dim, m.HDM.NUM_HEADS) if m.HDM.ENABLED else None
         self.atmoe = ATMoE(dim, num_experts=7, heads=m.ATMOE.HEADS) if m.ATMOE.ENABLED else None
-        if self.hdm is not None:
-            heads["moe" if self.atmoe is not None else "hdm"] = BNNeckHead(7 * dim, num_classes)
-        self.sdtps = None
-        self.dgaf = None
-        if m.SDTPS.ENABLED:
-            s = m.SDTPS
-            self.sdtps = MultiModalSDTPS(
-                dim, num_heads=s.NUM_HEADS, sparse_ratio=s.SPARSE_RATIO,
-                gate_init_scale=s.GATE_INIT_SCALE, gate_init_bias=s.GATE_INIT_BIAS,
-                gate_norm=s.GATE_NORM, renorm_attn=s.RENORM_ATTN, score_combine=s.SCORE_COMBINE)
-        if m.DGAF.ENABLED:
-            self.dgaf = DGAF(dim, num_heads=m.DGAF.NUM_HEADS, tau=m.DGAF.TAU,
-                             init_alpha=m.DGAF.INIT_ALPHA)
-        if self.sdtps is not None or self.dgaf is not None:
-            heads["fused"] = BNNeckHead(3 * dim, num_classes)
+        for name in ("hdm", "moe"):
+            if name in names:
+                heads[name] = BNNeckHead(7 * dim, num_classes)
+        self.selection_name = self.fusion_name = None
+        if m.SELECTION.NAME != "none":
+            self.selection_name = m.SELECTION.NAME
+            self.add_module(m.SELECTION.NAME, SELECTION_REGISTRY.get(m.SELECTION.NAME).from_config(cfg, dim))
+        if m.FUSION.NAME != "none":
+            self.fusion_name = m.FUSION.NAME
+            self.add_module(m.FUSION.NAME, FUSION_REGISTRY.get(m.FUSION.NAME).from_config(cfg, dim))
+            heads["fused"] = BNNeckHead(self.fusion.out_dim, num_classes)
         self.heads = nn.ModuleDict(heads)
-        self.loss_weights = {name: (m.SDTPS.LOSS_WEIGHT if name == "fused" else 1.0) for name in heads}
+        self.loss_weights = {name: (m.FUSION.LOSS_WEIGHT if name == "fused" else 1.0)
+                             for name in self.heads}
+        objectives = {}
+        for name in m.LOSSES:
+            objectives[name] = LOSS_REGISTRY.get(name).from_config(cfg, self)
+        self.objectives = nn.ModuleDict(objectives)
+
+    @property
+    def selection(self):
+        """The token-selection module (``MODEL.SELECTION.NAME``), or None."""
+        return getattr(self, self.selection_name) if self.selection_name else None
+
+    @property
+    def fusion(self):
+        """The fusion module (``MODEL.FUSION.NAME``), or None."""
+        return getattr(self, self.fusion_name) if self.fusion_name else None
 
     def backbone_tower_parameters(self):
-        """Parameters of the ViT tower (not the camera embedding): ``SOLVER.BACKBONE_LR``."""
-        return self.backbone.vit.parameters()
+        """Parameters of the backbone's tower (not the camera embedding): ``SOLVER.BACKBONE_LR``."""
+        tower = getattr(self.backbone, "tower_parameters", None)
+        return tower() if tower is not None else self.backbone.parameters()
 
     def encode(self, images: torch.Tensor, cam_ids: torch.Tensor) -> torch.Tensor:
         """(B, 3, 3, H, W), (B,) -> tokens (B, 3, 1 + N, C); one backbone pass over 3B images."""
@@ -89,10 +113,19 @@ class MultiModalReID(nn.Module):
         tokens = self.backbone(flat, cam_ids.repeat(3))
         return tokens.view(3, b, *tokens.shape[1:]).transpose(0, 1)
 
-    def forward(self, images: torch.Tensor, cam_ids: torch.Tensor) -> Dict:
+    def forward_features(self, images: torch.Tensor, cam_ids: torch.Tensor) -> Dict:
+        """images (B, 3, 3, H, W), cam_ids (B,) -> dict with
+
+        * ``heads``: name -> HeadOutput(feat (B, D), feat_bn (B, D), logits (B, num_classes))
+        * ``tokens``: the backbone's tokens (B, 3, 1 + N, C)
+        * ``patch_geometry``: (patch size, stride) of the backbone's patch grid
+        * ``selection`` (the selection's output) and ``keep_mask`` (B, 3, N) bool with a selection
+        * ``moe_gates`` (B, heads, 7) with ATMoE
+        """
         tokens = self.encode(images, cam_ids)
         globals_, patches = tokens[:, :, 0], tokens[:, :, 1:]
-        out: Dict = {}
+        out: Dict = {"tokens": tokens,
+                     "patch_geometry": (self.backbone.patch_size, self.backbone.stride)}
         ori = self.pife(globals_, patches) if self.pife is not None else globals_
         feats = {}
         if self.direct:
@@ -106,51 +139,50 @@ class MultiModalReID(nn.Module):
                 feats["moe"], out["moe_gates"] = self.atmoe(decoupled)
             else:
                 feats["hdm"] = decoupled.flatten(1)
-        if self.sdtps is not None:
-            selection = self.sdtps(patches, globals_)
-            out["sdtps"] = selection
-            out["keep_mask"] = selection.keep_mask
+        selection = self.selection
+        if selection is not None:
+            selected = selection(patches, globals_)
+            out["selection"] = selected
+            out["keep_mask"] = selected.keep_mask
             # The pooling reads every patch; the weights (forward exactly the keep mask) decide which
             # count, and carry the selection's gradient to the scorer (modeling/sdtps.py).
-            weights = selection.weights
+            weights = selected.weights
         else:
             weights = torch.ones(patches.shape[:3], dtype=torch.bool, device=patches.device)
-        if self.dgaf is not None:
-            feats["fused"] = self.dgaf(patches, weights)
-        elif self.sdtps is not None:
-            feats["fused"] = weighted_mean(patches, weights).flatten(1)
+        if self.fusion is not None:
+            feats["fused"] = self.fusion(patches, weights)
         out["heads"] = {name: self.heads[name](feat) for name, feat in feats.items()}
         return out
 
+    def losses(self, outputs: Dict, pids: torch.Tensor) -> Dict:
+        """The training objective and what to log of one forward's ``outputs``."""
+        heads: Dict[str, HeadOutput] = outputs["heads"]
+        first = next(iter(heads.values()))
+        scalars = {"acc": (first.logits.detach().argmax(1) == pids).float().mean()}
+        histograms = {}
+        selection = self.selection
+        if "selection" in outputs and hasattr(selection, "diagnostics"):
+            more_scalars, more_histograms = selection.diagnostics(outputs["selection"])
+            scalars.update(more_scalars)
+            histograms.update(more_histograms)
+        if "moe_gates" in outputs:
+            weights = outputs["moe_gates"].detach().float().mean(dim=(0, 1))
+            scalars.update({f"atmoe/expert{e}_weight": w for e, w in enumerate(weights)})
+        losses = {}
+        for name, objective in self.objectives.items():
+            for key, value in objective(outputs, pids).items():
+                if key in losses:
+                    raise KeyError(f"loss {key!r} of MODEL.LOSSES {name!r} is already given by "
+                                   "another loss; name it differently")
+                losses[key] = value
+        return {"losses": losses, "scalars": scalars,
+                "histograms": histograms}
 
-def retrieval_feature(outputs: Dict, feat: str, neck_feat: str, norm: str = "once") -> torch.Tensor:
-    """The (B, D) retrieval feature named by ``TEST.FEAT``.
-
-    ``ori``: the original globals (one head, or the three per-modality heads concatenated);
-    ``fused``: the SDTPS/DGAF head; ``moe``: the ATMoE head; ``ori+moe``: ori and moe;
-    ``concat``: every head the model has (ori, then hdm or moe, then fused).
-    ``neck_feat``: "before" or "after" the BNNeck's BN. ``norm`` (``TEST.FEAT_NORM``) for the
-    concatenations: "once" joins the raw parts (DeMo; the distance L2-normalises the whole),
-    "per_part" L2-normalises each part first, so that no part dominates by its scale.
-    """
-    heads = outputs["heads"]
-    pick = 0 if neck_feat == "before" else 1
-
-    def one(name: str) -> torch.Tensor:
-        if name == "ori" and "ori" not in heads:
-            return torch.cat([heads[f"ori_{m}"][pick] for m in MODALITIES], dim=1)
-        if name not in heads:
-            raise KeyError(f"TEST.FEAT needs the '{name}' head, which this model does not have")
-        return heads[name][pick]
-
-    if feat not in ("concat", "ori+moe"):
-        return one(feat)
-    parts = ("ori", "moe") if feat == "ori+moe" else ("ori",) + tuple(
-        p for p in ("hdm", "moe", "fused") if p in heads)
-    values = [one(p) for p in parts]
-    if norm == "per_part":
-        values = [F.normalize(v, dim=1) for v in values]
-    return torch.cat(values, dim=1)
+    def forward(self, batch: Dict) -> Dict:
+        outputs = self.forward_features(batch["images"], batch["camids"])
+        if not self.training:
+            return outputs
+        return self.losses(outputs, batch["pids"])
 
 
 def build_model(cfg, num_classes: int, num_cams: int) -> MultiModalReID:

@@ -18,7 +18,7 @@ The hard top-K mask has no gradient. The selection therefore also returns straig
 weights ``w = hard + (s - s.detach())``, where ``s`` (B, M, N) is the soft combined score in
 [0, 1]: in the forward pass ``s - s.detach()`` is exactly 0.0, so ``w`` is exactly the 0/1 keep
 mask; in the backward pass ``dw/ds = 1`` at EVERY position, kept or dropped. The pooling after
-SDTPS uses ``w`` as normalised pooling weights over all N patches (:func:`weighted_mean`, or
+SDTPS uses ``w`` as normalised pooling weights over all N patches (:func:`modeling.fusion.weighted_mean`, or
 DGAF's weighted attention pooling), which in the forward pass is exactly pooling over the kept
 patches only. Its gradient is relative: for mean pooling ``dL/dw_n = <dL/df, p_n - f> / K``,
 "would giving patch n more weight move the pooled feature f in a loss-reducing direction than
@@ -50,6 +50,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from modeling.registry import SELECTION_REGISTRY
+
 MODALITIES = ("RGB", "NI", "TI")
 # GUIDE_ORDER[m]: the guides of modality m's three scorers, the modality itself first, then the
 # two others in MODALITIES order. Pair p = 3 * m + j scores modality m's patches with guide
@@ -73,6 +75,9 @@ COS_EPS = 1e-8
 
 SCORE_COMBINES = ("mean", "learned")
 GATE_NORMS = ("none", "patches", "heads")
+# Initial per-head gate scale and bias (also the defaults of MODEL.SDTPS.GATE_INIT_SCALE/_BIAS).
+GATE_INIT_SCALE = 0.5
+GATE_INIT_BIAS = 0.5
 
 
 def num_kept(num_patches: int, sparse_ratio: float) -> int:
@@ -82,25 +87,6 @@ def num_kept(num_patches: int, sparse_ratio: float) -> int:
     # 100 * 0.55 == 55.00000000000001 in binary floating point; rounding to 6 decimals first keeps
     # the intended integer while leaving genuine fractions (128 * 0.7 = 89.6 -> 90) untouched.
     return max(1, math.ceil(round(num_patches * sparse_ratio, 6)))
-
-
-def weighted_mean(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum_n w_n t_n / sum_n w_n`` over all N positions.
-
-    With the straight-through selection weights (forward exactly the 0/1 keep mask) this is the
-    mean over the kept positions, and every position (dropped ones too) gets the relative
-    gradient ``<dL/df, t_n - f> / sum w``.
-
-    Args:
-        tokens: (B, M, N, C).
-        weights: (B, M, N) non-negative float, or bool (True = kept).
-    Returns:
-        (B, M, C); a row whose weights are all zero gives zeros.
-    """
-    weight = weights.to(tokens.dtype)
-    total = weight.sum(dim=-1, keepdim=True)  # (B, M, 1)
-    summed = torch.einsum("bmn,bmnc->bmc", weight, tokens)
-    return summed / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def _cosine(patches: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
@@ -198,8 +184,8 @@ class CrossModalAttention(nn.Module):
         self,
         dim: int,
         num_heads: int = 4,
-        gate_init_scale: float = 0.5,
-        gate_init_bias: float = 0.5,
+        gate_init_scale: float = GATE_INIT_SCALE,
+        gate_init_bias: float = GATE_INIT_BIAS,
         gate_norm: str = "none",
         renorm_attn: bool = False,
         gate_norm_eps: float = GATE_NORM_EPS,
@@ -245,7 +231,13 @@ class CrossModalAttention(nn.Module):
 
 def _check_gate_norm(gate_norm: str) -> None:
     if gate_norm not in GATE_NORMS:
-        raise ValueError(f"gate_norm must be one of {GATE_NORMS}, got {gate_norm!r}")
+        raise ValueError(f"gate_norm must be one of {', '.join(GATE_NORMS)}, got {gate_norm!r}")
+
+
+def _check_score_combine(score_combine: str) -> None:
+    if score_combine not in SCORE_COMBINES:
+        raise ValueError(f"score_combine must be one of {', '.join(SCORE_COMBINES)}, got "
+                         f"{score_combine!r}")
 
 
 class SDTPSDiagnostics(NamedTuple):
@@ -259,7 +251,6 @@ class SDTPSDiagnostics(NamedTuple):
 
 
 class SDTPSOutput(NamedTuple):
-    tokens: torch.Tensor  # (B, 3, N, C) the selected tokens: dropped exactly 0, kept exactly patch
     keep_mask: torch.Tensor  # (B, 3, N) bool, exactly K True per row
     weights: torch.Tensor  # (B, 3, N) straight-through pooling weights: forward exactly 0/1
     # (== keep_mask), backward d/d scores at every position (see "Gradient path")
@@ -267,6 +258,7 @@ class SDTPSOutput(NamedTuple):
     diagnostics: SDTPSDiagnostics
 
 
+@SELECTION_REGISTRY.register("sdtps")
 class MultiModalSDTPS(nn.Module):
     """Token selection for the three modalities with 9 cosine-gated cross-modal scorers.
 
@@ -295,8 +287,8 @@ class MultiModalSDTPS(nn.Module):
         dim: int,
         num_heads: int = 4,
         sparse_ratio: float = 0.7,
-        gate_init_scale: float = 0.5,
-        gate_init_bias: float = 0.5,
+        gate_init_scale: float = GATE_INIT_SCALE,
+        gate_init_bias: float = GATE_INIT_BIAS,
         gate_norm: str = "none",
         renorm_attn: bool = False,
         score_combine: str = "mean",
@@ -306,8 +298,7 @@ class MultiModalSDTPS(nn.Module):
         if dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         _check_gate_norm(gate_norm)
-        if score_combine not in SCORE_COMBINES:
-            raise ValueError(f"score_combine must be one of {SCORE_COMBINES}, got {score_combine!r}")
+        _check_score_combine(score_combine)
         num_kept(1, sparse_ratio)  # validates the ratio
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.sparse_ratio, self.score_combine = sparse_ratio, score_combine
@@ -332,6 +323,24 @@ class MultiModalSDTPS(nn.Module):
             self.register_parameter("combine_logits", None)
         self.register_buffer("guide_index", torch.tensor(GUIDE_ORDER), persistent=False)
         self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, cfg, dim: int) -> "MultiModalSDTPS":
+        s = cfg.MODEL.SDTPS
+        return cls(dim, num_heads=s.NUM_HEADS, sparse_ratio=s.SPARSE_RATIO,
+                   gate_init_scale=s.GATE_INIT_SCALE, gate_init_bias=s.GATE_INIT_BIAS,
+                   gate_norm=s.GATE_NORM, renorm_attn=s.RENORM_ATTN, score_combine=s.SCORE_COMBINE)
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        """ValueError naming the MODEL.SDTPS key of a value the module would refuse."""
+        s = cfg.MODEL.SDTPS
+        for key, check in (("SPARSE_RATIO", lambda v: num_kept(1, v)),
+                           ("GATE_NORM", _check_gate_norm), ("SCORE_COMBINE", _check_score_combine)):
+            try:
+                check(s[key])
+            except ValueError as exc:
+                raise ValueError(f"MODEL.SDTPS.{key}: {exc}") from None
 
     def reset_parameters(self) -> None:
         """Xavier-uniform query/key projections with a zero query bias (the prototype's init),
@@ -429,7 +438,6 @@ class MultiModalSDTPS(nn.Module):
         keep_mask = torch.zeros_like(combined, dtype=torch.bool).scatter_(-1, keep_idx, True)
         # Straight-through: forward value exactly keep_mask (s - s.detach() == 0.0), backward d/ds.
         ste_weights = keep_mask.to(combined.dtype) + (combined - combined.detach())
-        tokens = patches * keep_mask.to(patches.dtype).unsqueeze(-1)
         with torch.no_grad():
             guide_idx = s_norm.topk(k, dim=-1).indices  # (B, 3, 3, K)
             guide_mask = torch.zeros_like(s_norm, dtype=torch.bool).scatter_(-1, guide_idx, True)
@@ -437,14 +445,18 @@ class MultiModalSDTPS(nn.Module):
             if gates is None:
                 gates = s_norm.new_empty(b, 3, 3, self.num_heads, 0)
             diag = SDTPSDiagnostics(gates.detach(), s_norm.detach(), agreement, weights.detach())
-        return SDTPSOutput(tokens, keep_mask, ste_weights, combined, diag)
+        return SDTPSOutput(keep_mask, ste_weights, combined, diag)
 
     def forward(self, patches: torch.Tensor, globals: torch.Tensor) -> SDTPSOutput:
-        """patches (B, 3, N, C), globals (B, 3, C) -> SDTPSOutput (tokens, keep_mask, weights,
-        scores, diagnostics)."""
+        """patches (B, 3, N, C), globals (B, 3, C) -> SDTPSOutput (keep_mask, weights, scores,
+        diagnostics)."""
         # The scorer reads DETACHED features (see "Gradient path" in the module docstring).
         pairs = self.pair_scores(patches.detach(), globals.detach())
         return self.select(patches, pairs.score, pairs.gate)
+
+    def diagnostics(self, output: SDTPSOutput):
+        """(scalars, histograms) of one forward's output for the training log."""
+        return diagnostics_summary(output.diagnostics), diagnostics_histograms(output.diagnostics)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, sparse_ratio={self.sparse_ratio}, "
@@ -453,24 +465,30 @@ class MultiModalSDTPS(nn.Module):
                 f"score_combine={self.score_combine!r}")
 
 
-def diagnostics_summary(diag: SDTPSDiagnostics, prefix: str = "sdtps") -> Dict[str, float]:
-    """Scalars for a logger: per pair gate mean/min/max and guide agreement, per modality weights.
+def diagnostics_summary(diag: SDTPSDiagnostics, prefix: str = "sdtps") -> Dict[str, torch.Tensor]:
+    """Detached 0-d tensors for a logger: per pair gate mean/min/max and guide agreement, per
+    modality the guides' combination weights (no host sync; a logger converts when it writes).
 
-    Keys look like ``sdtps/gate_mean/RGB<-NI``, ``sdtps/agreement/TI<-TI``. Gate histograms can
-    be logged from ``diag.gates[:, m, j]`` directly. (One host sync per call: log sparingly.)
+    Keys look like ``sdtps/gate_mean/RGB<-NI``, ``sdtps/agreement/TI<-TI``.
     """
-    out: Dict[str, float] = {}
-    gates = diag.gates.float()
-    has_gates = gates.numel() > 0
-    agreement = diag.guide_agreement.float().mean(dim=0)  # (3, 3)
+    out: Dict[str, torch.Tensor] = {}
+    gates = diag.gates.float()  # (B, 3, 3, H, N)
+    stats = {}
+    if gates.numel() > 0:
+        stats = {"gate_mean": gates.mean(dim=(0, 3, 4)), "gate_min": gates.amin(dim=(0, 3, 4)),
+                 "gate_max": gates.amax(dim=(0, 3, 4))}
+    stats["agreement"] = diag.guide_agreement.float().mean(dim=0)  # (3, 3)
+    stats["combine_weight"] = diag.combine_weights.float()
     for m in range(3):
         for j in range(3):
-            name = PAIR_NAMES[3 * m + j]
-            if has_gates:
-                g = gates[:, m, j]
-                out[f"{prefix}/gate_mean/{name}"] = g.mean().item()
-                out[f"{prefix}/gate_min/{name}"] = g.min().item()
-                out[f"{prefix}/gate_max/{name}"] = g.max().item()
-            out[f"{prefix}/agreement/{name}"] = agreement[m, j].item()
-            out[f"{prefix}/combine_weight/{name}"] = diag.combine_weights[m, j].item()
+            for kind in ("gate_mean", "gate_min", "gate_max", "agreement", "combine_weight"):
+                if kind in stats:
+                    out[f"{prefix}/{kind}/{PAIR_NAMES[3 * m + j]}"] = stats[kind][m, j]
     return out
+
+
+def diagnostics_histograms(diag: SDTPSDiagnostics, prefix: str = "sdtps") -> Dict[str, torch.Tensor]:
+    """Per pair and head the (B, N) gate values, keyed ``sdtps/gate_hist/RGB<-NI/head0``."""
+    gates = diag.gates
+    return {f"{prefix}/gate_hist/{PAIR_NAMES[3 * m + j]}/head{h}": gates[:, m, j, h]
+            for m in range(3) for j in range(3) for h in range(gates.shape[3])}

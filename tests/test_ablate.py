@@ -64,7 +64,8 @@ def mtimes(paths):
 # ------------------------------------------------------------------------------ end to end
 ROWS = [
     {"name": "base"},
-    {"name": "sdtps_gate", "opts": ["MODEL.SDTPS.ENABLED", True, "TEST.FEAT", "concat"],
+    {"name": "sdtps_gate", "opts": ["MODEL.SELECTION.NAME", "sdtps", "MODEL.FUSION.NAME", "mean",
+                                  "TEST.FEAT", "concat"],
      "init_scale": 0.9, "init_bias": 0.1},
 ]
 
@@ -141,10 +142,11 @@ def test_results_equal_the_per_run_summaries(grid_run):
 def test_init_scale_and_bias_reach_each_runs_config(grid_run):
     _, _, runs = grid_run
     for name, folder in runs.items():
-        sdtps = load_yaml(os.path.join(folder, "config.yaml"))["MODEL"]["SDTPS"]
+        model = load_yaml(os.path.join(folder, "config.yaml"))["MODEL"]
+        sdtps = model["SDTPS"]
         if name.startswith("sdtps_gate"):
             assert (sdtps["GATE_INIT_SCALE"], sdtps["GATE_INIT_BIAS"]) == (0.9, 0.1)
-            assert sdtps["ENABLED"] is True
+            assert model["SELECTION"]["NAME"] == "sdtps"
         else:
             assert (sdtps["GATE_INIT_SCALE"], sdtps["GATE_INIT_BIAS"]) == (0.5, 0.5)
         seed = load_yaml(os.path.join(folder, "config.yaml"))["SOLVER"]["SEED"]
@@ -200,13 +202,13 @@ def test_a_row_may_name_its_own_config(tmp_path, synthetic_root, capsys):
     configs so); its settings reach the planned run, and a missing file is a clear error."""
     own = tmp_path / "own.yml"
     own.write_text("_BASE_: " + os.path.join(ROOT, "configs", "Synthetic", "quickstart.yml")
-                   + "\nMODEL:\n  SDTPS:\n    ENABLED: True\n")
+                   + "\nMODEL:\n  SELECTION:\n    NAME: sdtps\n  FUSION:\n    NAME: mean\n")
     rows = [{"name": "base_row"}, {"name": "own_row", "config": str(own)}]
     grid = write_grid(tmp_path / "g.yml", rows, tiny_grid_opts(synthetic_root), seeds=(1,))
     runs = ablate.plan_runs(ablate.load_grid(grid), str(tmp_path / "out"))
     by_row = {run.row.name: run for run in runs}
-    assert by_row["own_row"].config["MODEL.SDTPS.ENABLED"] is True
-    assert by_row["base_row"].config["MODEL.SDTPS.ENABLED"] is False
+    assert by_row["own_row"].config["MODEL.SELECTION.NAME"] == "sdtps"
+    assert by_row["base_row"].config["MODEL.SELECTION.NAME"] == "none"
     assert by_row["own_row"].args[:2] == ["--config_file", str(own)]
     missing = write_grid(tmp_path / "m.yml", [{"name": "x", "config": "no/such.yml"}],
                          tiny_grid_opts(synthetic_root))
@@ -230,7 +232,7 @@ def test_unknown_config_key_fails_before_anything_runs(tmp_path, synthetic_root,
     ({"rows": [{"name": "a", "init_scal": 1.0}]}, "init_scal"),
     ({"rows": [{"name": "a"}, {"name": "a"}]}, "duplicate row"),
     ({"rows": [{"name": "a/b"}]}, "folder name"),
-    ({"rows": [{"name": "a", "opts": ["MODEL.SDTPS.ENABLED"]}]}, "odd number"),
+    ({"rows": [{"name": "a", "opts": ["MODEL.SELECTION.NAME"]}]}, "odd number"),
     ({"row": [{"name": "a"}]}, "unknown grid key"),
 ])
 def test_malformed_grids_fail_clearly(tmp_path, capsys, content, message):

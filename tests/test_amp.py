@@ -15,8 +15,9 @@ import torch
 
 import train_net
 from data.build import build_data
+from engine.hooks import HookBase
 from engine.trainer import NonFiniteLossError, Trainer
-from modeling.model import build_model
+from modeling.model import MultiModalReID, build_model
 from utils import checkpoint as ckpt
 from utils.logger import setup_logger
 from utils.seed import seed_everything
@@ -34,19 +35,28 @@ def _trainer(cfg, device="cpu"):
     return Trainer(cfg, model, data, torch.device(device))
 
 
-def test_bf16_trains_on_cpu(tiny_cfg, monkeypatch):
+class StepRecorder(HookBase):
+    """Records (finite, loss, dtype of the "ori" head's logits) of every training step."""
+
+    def __init__(self):
+        self.seen, self.dtypes = [], []
+
+    def before_train(self) -> None:
+        self.trainer.model.heads["ori"].register_forward_hook(
+            lambda module, args, out: self.dtypes.append(out.logits.dtype))
+
+    def after_step(self) -> None:
+        result = self.trainer.step_result
+        self.seen.append((result["finite"], float(result["loss"]), self.dtypes[-1]))
+
+
+def test_bf16_trains_on_cpu(tiny_cfg):
     trainer = _trainer(tiny_cfg("SOLVER.AMP", "bf16", "SOLVER.MAX_EPOCHS", "1"))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    seen = []
-    original = Trainer.after_step
-
-    def record(self, result, epoch, iteration, num_iters):
-        seen.append((result["finite"], result["loss"],
-                     result["outputs"]["heads"]["ori"][2].dtype))
-        original(self, result, epoch, iteration, num_iters)
-
-    monkeypatch.setattr(Trainer, "after_step", record)
+    recorder = StepRecorder()
+    trainer.register_hooks([recorder])
     summary = trainer.train()
+    seen = recorder.seen
     assert seen and all(finite for finite, _, _ in seen)
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss, _ in seen)
     assert {dtype for _, _, dtype in seen} == {torch.bfloat16}  # autocast really ran
@@ -58,21 +68,16 @@ def test_bf16_trains_on_cpu(tiny_cfg, monkeypatch):
     assert 0.0 <= summary["last"]["results"]["test"]["mAP"] <= 1.0
 
 
-def test_fp16_on_cpu_trains_in_fp32_with_a_log_line(tiny_cfg, monkeypatch):
+def test_fp16_on_cpu_trains_in_fp32_with_a_log_line(tiny_cfg):
     """DeMo's configs ask for fp16 (CUDA autocast + grad scaler); on CPU the run goes on in fp32
     and says so (catches autocast left on, the scaler left enabled, or a silent fallback)."""
     cfg = tiny_cfg("SOLVER.AMP", "fp16", "SOLVER.MAX_EPOCHS", "1")
     trainer = _trainer(cfg)
     assert trainer.amp == "off" and not trainer.scaler.is_enabled()
-    dtypes = []
-    original = Trainer.after_step
-
-    def record(self, result, epoch, iteration, num_iters):
-        dtypes.append(result["outputs"]["heads"]["ori"][2].dtype)
-        original(self, result, epoch, iteration, num_iters)
-
-    monkeypatch.setattr(Trainer, "after_step", record)
+    recorder = StepRecorder()
+    trainer.register_hooks([recorder])
     trainer.train()
+    dtypes = [dtype for _, _, dtype in recorder.seen]
     assert dtypes and set(dtypes) == {torch.float32}
     with open(os.path.join(cfg.OUTPUT_DIR, "log.txt")) as f:
         assert "SOLVER.AMP fp16 needs CUDA: training in fp32 on cpu" in f.read()
@@ -90,21 +95,28 @@ def test_fp16_grad_scaler_state_is_checkpointed(tiny_opts):
     assert resumed["scaler"]["scale"] > 0
 
 
-def _nan_loss_at(steps):
-    """A compute_loss that returns NaN (keeping the graph) at the given global steps."""
-    original = Trainer.compute_loss
+def _nan_loss_at(steps, before=None):
+    """A MultiModalReID.losses whose first loss is NaN (keeping the graph) at the given training
+    steps (0-based, counted by its calls: one per step); ``before(step)`` runs first."""
+    original = MultiModalReID.losses
+    calls = []
 
-    def compute_loss(self, outputs, pids):
-        loss, parts, acc = original(self, outputs, pids)
-        if steps(self.global_step):
-            loss = loss * float("nan")
-        return loss, parts, acc
+    def losses(self, outputs, pids):
+        step = len(calls)
+        calls.append(step)
+        if before is not None:
+            before(step)
+        out = original(self, outputs, pids)
+        if steps(step):
+            first = next(iter(out["losses"]))
+            out["losses"][first] = out["losses"][first] * float("nan")
+        return out
 
-    return compute_loss
+    return losses
 
 
 def test_nonfinite_steps_are_skipped_and_logged(tiny_opts, monkeypatch):
-    monkeypatch.setattr(Trainer, "compute_loss", _nan_loss_at(lambda step: step in (1, 2)))
+    monkeypatch.setattr(MultiModalReID, "losses", _nan_loss_at(lambda step: step in (1, 2)))
     summary = train_net.main(list(tiny_opts))
     log = open(os.path.join(_out(tiny_opts), "log.txt")).read()
     assert log.count("non-finite loss (nan)") == 2
@@ -118,14 +130,14 @@ def test_too_many_nonfinite_losses_stop_with_last_checkpoint_intact(tiny_opts, m
     out = _out(tiny_opts)
     first = os.path.join(out, "checkpoint_epoch1.pth")
     snapshot = {}
-    original = _nan_loss_at(lambda step: step >= 3)  # epoch 1 has 3 steps: NaN from epoch 2 on
 
-    def compute_loss(self, outputs, pids):
-        if self.global_step >= 3 and not snapshot:
+    def snapshot_first_checkpoint(step):
+        if step >= 3 and not snapshot:
             snapshot["sha"] = hashlib.sha256(open(first, "rb").read()).hexdigest()
-        return original(self, outputs, pids)
 
-    monkeypatch.setattr(Trainer, "compute_loss", compute_loss)
+    # epoch 1 has 3 steps: NaN from epoch 2 on
+    monkeypatch.setattr(MultiModalReID, "losses",
+                        _nan_loss_at(lambda step: step >= 3, snapshot_first_checkpoint))
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses") as info:
         train_net.main(list(tiny_opts) + ["SOLVER.MAX_NONFINITE", "3"])
     assert "SOLVER.MAX_NONFINITE" in str(info.value) and "--resume" in str(info.value)

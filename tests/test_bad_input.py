@@ -150,7 +150,7 @@ def other_architecture_checkpoint(tiny_opts):
     return opts, os.path.join(_out(opts), "checkpoint_epoch1.pth")
 
 
-SDTPS = ["MODEL.SDTPS.ENABLED", "True", "MODEL.BACKBONE_DEPTH", "2"]
+SDTPS = ["MODEL.SELECTION.NAME", "sdtps", "MODEL.FUSION.NAME", "mean", "MODEL.BACKBONE_DEPTH", "2"]
 
 
 def test_checkpoint_of_another_architecture_test_net(other_architecture_checkpoint, tmp_path):

@@ -32,10 +32,44 @@ def test_wrong_type_names_the_key():
 
 
 def test_flags_are_booleans():
-    cfg = build_cfg("", ["MODEL.SDTPS.ENABLED", "True"])
-    assert cfg.MODEL.SDTPS.ENABLED is True
+    cfg = build_cfg("", ["MODEL.PIFE.ENABLED", "True"])
+    assert cfg.MODEL.PIFE.ENABLED is True
     with pytest.raises(ConfigError, match="MODEL.SDTPS.GATE_NORM"):
-        build_cfg("", ["MODEL.SDTPS.GATE_NORM", "yes"])
+        build_cfg("", ["MODEL.SELECTION.NAME", "sdtps", "MODEL.FUSION.NAME", "mean",
+                       "MODEL.SDTPS.GATE_NORM", "yes"])
+
+
+def test_selection_and_fusion_names_come_from_the_registries():
+    """NAME keys are checked against the registries (a typo names the key and the choices, with a
+    suggestion); a selection needs a fusion; the modules' own checks name their key."""
+    cfg = build_cfg("", ["MODEL.SELECTION.NAME", "sdtps", "MODEL.FUSION.NAME", "dgaf"])
+    assert (cfg.MODEL.SELECTION.NAME, cfg.MODEL.FUSION.NAME) == ("sdtps", "dgaf")
+    with pytest.raises(ConfigError, match=r"MODEL.FUSION.NAME = 'dgfa' is not one of none, .*dgaf"):
+        build_cfg("", ["MODEL.FUSION.NAME", "dgfa"])
+    with pytest.raises(ConfigError, match="MODEL.SELECTION.NAME sdtps needs a fusion"):
+        build_cfg("", ["MODEL.SELECTION.NAME", "sdtps"])
+    with pytest.raises(ConfigError, match=r"MODEL.SDTPS.SPARSE_RATIO: .*\(0, 1\]"):
+        build_cfg("", ["MODEL.SELECTION.NAME", "sdtps", "MODEL.FUSION.NAME", "mean",
+                       "MODEL.SDTPS.SPARSE_RATIO", "1.5"])
+    with pytest.raises(ConfigError, match=r"MODEL.DGAF.INIT_ALPHA: .*\(0, 1\)"):
+        build_cfg("", ["MODEL.FUSION.NAME", "dgaf", "MODEL.DGAF.INIT_ALPHA", "1.0"])
+    # options of a module that is not selected are not its business
+    assert build_cfg("", ["MODEL.DGAF.INIT_ALPHA", "1.0"]).MODEL.FUSION.NAME == "none"
+    with pytest.raises(ConfigError, match="DATASETS.NAMES = 'RGBNT20' is not one of"):
+        build_cfg("", ["DATASETS.NAMES", "RGBNT20"])
+    assert build_cfg("", ["DATASETS.NAMES", "rgbnt201"]).DATASETS.NAMES == "rgbnt201"  # any case
+
+
+def test_keys_of_earlier_versions_name_their_replacement(tmp_path):
+    """An old config fails with one line saying what to write instead (not "unknown key")."""
+    with pytest.raises(ConfigError, match="MODEL.SDTPS.ENABLED was replaced by MODEL.SELECTION.NAME sdtps"):
+        build_cfg("", ["MODEL.SDTPS.ENABLED", "True"])
+    path = tmp_path / "old.yml"
+    path.write_text("MODEL:\n  DGAF:\n    ENABLED: True\n")
+    with pytest.raises(ConfigError, match="old.yml: MODEL.DGAF.ENABLED was replaced by MODEL.FUSION.NAME dgaf"):
+        build_cfg(str(path))
+    with pytest.raises(ConfigError, match="MODEL.FUSION.LOSS_WEIGHT"):
+        build_cfg("", ["MODEL.SDTPS.LOSS_WEIGHT", "2.0"])
 
 
 def test_gate_norm_choices_and_legacy_booleans(tmp_path):
@@ -50,10 +84,13 @@ def test_gate_norm_choices_and_legacy_booleans(tmp_path):
 
 
 def test_retrieval_features_need_their_heads():
-    with pytest.raises(ConfigError, match="TEST.REPORT_FEATS fused needs MODEL.SDTPS.ENABLED"):
+    with pytest.raises(ConfigError, match="TEST.REPORT_FEATS fused needs the 'fused' head.*MODEL.FUSION.NAME"):
         build_cfg("", ["TEST.REPORT_FEATS", "['ori', 'fused']"])
-    with pytest.raises(ConfigError, match="TEST.FEAT hdm needs MODEL.HDM.ENABLED"):
+    with pytest.raises(ConfigError, match="TEST.FEAT hdm needs the 'hdm' head.*MODEL.HDM.ENABLED"):
         build_cfg("", ["TEST.FEAT", "hdm"])
+    with pytest.raises(ConfigError, match="TEST.FEAT hdm .*with ATMoE the head is moe"):
+        build_cfg("", ["TEST.FEAT", "hdm", "MODEL.HDM.ENABLED", "True", "MODEL.ATMOE.ENABLED", "True"])
+    assert build_cfg("", ["TEST.FEAT", "fused", "MODEL.FUSION.NAME", "mean"]).TEST.FEAT == "fused"
     with pytest.raises(ConfigError, match="INPUT.RE_AREA"):
         build_cfg("", ["INPUT.RE_AREA", "[0.4, 0.2]"])
 
@@ -106,6 +143,10 @@ def test_help_lists_init_flags(capsys):
         default_argument_parser().parse_args(["--help"])
     out = capsys.readouterr().out
     assert "--init_scale" in out and "--init_bias" in out and "--resume" in out
+    with pytest.raises(SystemExit):  # test_net.py accepts the same commands, minus --resume
+        default_argument_parser(training=False).parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--init_scale" in out and "--resume" not in out
 
 
 def test_defaults_are_not_shared():
@@ -117,4 +158,9 @@ def test_defaults_are_not_shared():
 @pytest.mark.parametrize("path", [p for p in __import__("glob").glob("configs/**/*.yml", recursive=True)
                                   if "ablations" not in p])  # ablation grids are not configs
 def test_shipped_configs_load(path):
-    build_cfg(path)
+    """Every shipped config builds, and the heads its validation assumes are the model's."""
+    from modeling.model import head_names
+    from modeling.model_size import build_on_meta
+
+    cfg = build_cfg(path, ["MODEL.PRETRAIN_PATH", ""])
+    assert tuple(build_on_meta(cfg, 10, 4).heads) == head_names(cfg)

@@ -176,7 +176,7 @@ ROW_CONFIGS = {"A": "DeMo_A_baseline", "B": "DeMo_B_PIFE", "C": "DeMo_C_PIFE_HDM
 def _row_model(row: str):
     """The real model builder for DeMo's ablation row, on the meta device (no weights)."""
     from config import build_cfg
-    from utils.model_size import build_on_meta
+    from modeling.model_size import build_on_meta
 
     cfg = build_cfg(f"configs/RGBNT201/ablation/{ROW_CONFIGS[row]}.yml")
     return build_on_meta(cfg, num_classes=171, num_cams=4)
@@ -184,7 +184,7 @@ def _row_model(row: str):
 
 @pytest.mark.parametrize("row", sorted(ROW_CONFIGS))
 def test_param_count_matches_published(row):
-    from utils.model_size import count_parameters
+    from modeling.model_size import count_parameters
 
     params = count_parameters(_row_model(row))
     published = PUBLISHED_PARAMS_M[row] * 1e6
@@ -194,7 +194,7 @@ def test_param_count_matches_published(row):
 
 
 def test_flops_match_published_macs():
-    from utils.model_size import count_flops
+    from modeling.model_size import count_flops
 
     flops = {row: count_flops(_row_model(row), (256, 128)) for row in PUBLISHED_GFLOPS}
     for row, pub in PUBLISHED_GFLOPS.items():

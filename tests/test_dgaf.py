@@ -15,12 +15,14 @@ C = 64
 
 
 def selected(batch=3, n=32, seed=0, ratio=0.7):
-    """SDTPS output on random features: (tokens (B, 3, N, C), keep_mask (B, 3, N))."""
+    """SDTPS output on random features: (patches with the dropped ones zeroed (B, 3, N, C),
+    keep_mask (B, 3, N))."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     sdtps = MultiModalSDTPS(C, 4, sparse_ratio=ratio)
-    out = sdtps(torch.randn(batch, 3, n, C, generator=gen), torch.randn(batch, 3, C, generator=gen))
-    return out.tokens.detach(), out.keep_mask
+    patches = torch.randn(batch, 3, n, C, generator=gen)
+    out = sdtps(patches, torch.randn(batch, 3, C, generator=gen))
+    return (patches * out.keep_mask.unsqueeze(-1)).detach(), out.keep_mask
 
 
 @pytest.mark.parametrize("n", [32, 128])

@@ -22,7 +22,6 @@ import torch.multiprocessing as mp
 import test_net
 from config import build_cfg
 from data.samplers import ShardSampler
-from modeling.losses import ReIDCriterion
 from modeling.model import build_model
 from tests.conftest import ROOT, TINY_OPTS
 
@@ -144,9 +143,10 @@ MODULE_CONFIGS = {
     "PIFE+HDM+ATMoE": ["MODEL.PIFE.ENABLED", "True", "MODEL.HDM.ENABLED", "True",
                        "MODEL.ATMOE.ENABLED", "True"],
     "HDM": ["MODEL.HDM.ENABLED", "True"],
-    "SDTPS learned": ["MODEL.SDTPS.ENABLED", "True", "MODEL.SDTPS.SCORE_COMBINE", "learned"],
-    "SDTPS+DGAF": ["MODEL.SDTPS.ENABLED", "True", "MODEL.DGAF.ENABLED", "True"],
-    "DGAF": ["MODEL.DGAF.ENABLED", "True"],
+    "SDTPS learned": ["MODEL.SELECTION.NAME", "sdtps", "MODEL.FUSION.NAME", "mean",
+                      "MODEL.SDTPS.SCORE_COMBINE", "learned"],
+    "SDTPS+DGAF": ["MODEL.SELECTION.NAME", "sdtps", "MODEL.FUSION.NAME", "dgaf"],
+    "DGAF": ["MODEL.FUSION.NAME", "dgaf"],
 }
 
 
@@ -159,8 +159,7 @@ def test_every_parameter_gets_a_gradient(extra):
     model = build_model(cfg, num_classes=4, num_cams=4).train()
     images = torch.randn(8, 3, 3, 64, 32)
     pids = torch.arange(4).repeat_interleave(2)
-    out = model(images, torch.randint(0, 4, (8,)))
-    loss, _, _ = ReIDCriterion(cfg)(out, pids, model.loss_weights)  # the Trainer's objective
-    loss.backward()
+    out = model({"images": images, "camids": torch.randint(0, 4, (8,)), "pids": pids})
+    sum(out["losses"].values()).backward()  # the Trainer's objective
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused

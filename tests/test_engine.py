@@ -7,7 +7,7 @@ import torch
 
 import test_net
 import train_net
-from engine.trainer import Trainer
+from engine.hooks import HookBase
 
 
 def _weights(path):
@@ -32,23 +32,19 @@ def test_train_then_test_net_reproduces_map(tiny_opts):
     assert json.load(open(os.path.join(out, "summary.json")))["best"]["split"] == "test"
 
 
-def test_interrupted_run_resumes_to_identical_weights(tiny_opts, monkeypatch):
+def test_interrupted_run_resumes_to_identical_weights(tiny_opts):
     out = tiny_opts[tiny_opts.index("OUTPUT_DIR") + 1]
     train_net.main(list(tiny_opts) + ["OUTPUT_DIR", out + "_straight"])
     reference = _weights(os.path.join(out + "_straight", "checkpoint_epoch2.pth"))
 
     # Interrupt in the middle of the second epoch, as SIGTERM would.
-    original = Trainer.after_step
+    class StopMidEpoch(HookBase):
+        def after_step(self):
+            if (self.trainer.epoch, self.trainer.iter) == (1, 1):
+                self.trainer.stop_requested = True
 
-    def stop_mid_epoch(self, result, epoch, iteration, num_iters):
-        original(self, result, epoch, iteration, num_iters)
-        if epoch == 1 and iteration == 1:
-            self.stop_requested = True
-
-    monkeypatch.setattr(Trainer, "after_step", stop_mid_epoch)
     with pytest.raises(SystemExit, match="resume"):
-        train_net.main(list(tiny_opts))
-    monkeypatch.setattr(Trainer, "after_step", original)
+        train_net.main(list(tiny_opts), hooks=[StopMidEpoch()])
     interrupted = torch.load(os.path.join(out, "checkpoint_epoch1.pth"), weights_only=False)
     assert (interrupted["epoch"], interrupted["iteration"]) == (1, 2)
 

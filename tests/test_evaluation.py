@@ -84,21 +84,18 @@ def test_rerank_option_reaches_evaluation(trained, monkeypatch):
 
 
 class _FixedSelection(torch.nn.Module):
-    """Stub model: keeps the first ``k`` patches of every modality; a constant feature."""
+    """Stub model: keeps the first ``k`` patches of every modality."""
 
     def __init__(self, patch_size, k):
         super().__init__()
-        self.backbone = torch.nn.Module()
-        self.backbone.patch_size, self.backbone.stride = patch_size, patch_size
-        self.k = k
+        self.patch_size, self.k = patch_size, k
 
-    def forward(self, images, cams):
-        b, _, _, h, w = images.shape
-        n = (h // self.backbone.patch_size[0]) * (w // self.backbone.patch_size[1])
+    def forward(self, batch):
+        b, _, _, h, w = batch["images"].shape
+        n = (h // self.patch_size[0]) * (w // self.patch_size[1])
         keep = torch.zeros(b, 3, n, dtype=torch.bool)
         keep[..., : self.k] = True
-        feat = images.flatten(1)[:, :8]
-        return {"heads": {"ori": (feat, feat, None)}, "keep_mask": keep}
+        return {"keep_mask": keep, "patch_geometry": (self.patch_size, self.patch_size)}
 
 
 def test_kept_token_foreground_precision_against_masks_on_disk(tiny_opts):
@@ -108,14 +105,14 @@ def test_kept_token_foreground_precision_against_masks_on_disk(tiny_opts):
 
     from config import build_cfg
     from data.build import build_data
-    from engine.evaluator import extract, rank_metrics
+    from engine.evaluator import ForegroundPrecisionEvaluator, inference_on_dataset
 
     cfg = build_cfg(opts=list(tiny_opts))
     data = build_data(cfg)
     eval_set = data.eval_sets["test"]
     k, patch = 3, (16, 16)
-    extracted = extract(_FixedSelection(patch, k), eval_set, torch.device("cpu"), "ori", "after")
-    metrics = rank_metrics(extracted, eval_set, "euclidean")
+    metrics = inference_on_dataset(_FixedSelection(patch, k), eval_set,
+                                   [ForegroundPrecisionEvaluator(eval_set)], torch.device("cpu"))
 
     kept_fg = best = fg = total = 0
     for sample in eval_set.samples:

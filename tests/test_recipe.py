@@ -10,10 +10,10 @@ import torch
 import test_net
 import train_net
 from config import build_cfg
-from modeling.losses import ReIDCriterion
+from modeling.losses import ReIDLoss
 from modeling.model import build_model
 from utils.checkpoint import load_checkpoint_file
-from utils.model_size import build_on_meta, count_parameters
+from modeling.model_size import build_on_meta, count_parameters
 
 from conftest import ROOT
 
@@ -71,19 +71,22 @@ def test_sdtps_configs_change_sdtps_alone(dataset):
     folder = os.path.join(ROOT, "configs", dataset)
     demo, sdtps, both = (os.path.join(folder, f) for f in ("DeMo.yml", "DeMo_SDTPS.yml", "DeMo_SDTPS_DGAF.yml"))
     test_keys = {"TEST.FEAT", "TEST.REPORT_FEATS", "OUTPUT_DIR"}
-    assert all(k.startswith("MODEL.SDTPS.") or k in test_keys for k in differing_keys(demo, sdtps))
-    assert all(k.startswith("MODEL.DGAF.") or k == "OUTPUT_DIR" for k in differing_keys(sdtps, both))
+    selection = {"MODEL.SELECTION.NAME", "MODEL.FUSION.NAME"}
+    assert all(k.startswith("MODEL.SDTPS.") or k in test_keys | selection
+               for k in differing_keys(demo, sdtps))
+    assert all(k.startswith("MODEL.DGAF.") or k in {"MODEL.FUSION.NAME", "OUTPUT_DIR"}
+               for k in differing_keys(sdtps, both))
 
 
 def test_write_up_family_differs_in_its_switches_only():
     family = [os.path.join(RGBNT201, f"DeMo_{row}_ablation.yml") for row in ("SDTPS", "DGAF", "SDTPS_DGAF")]
     base = os.path.join(RGBNT201, "DeMo_baseline_ablation.yml")
-    allowed = {"MODEL.SDTPS.ENABLED", "MODEL.DGAF.ENABLED", "TEST.FEAT", "TEST.REPORT_FEATS", "OUTPUT_DIR"}
+    allowed = {"MODEL.SELECTION.NAME", "MODEL.FUSION.NAME", "TEST.FEAT", "TEST.REPORT_FEATS", "OUTPUT_DIR"}
     for path in family:
         assert differing_keys(base, path) <= allowed, path
     # and the baseline is DeMo's row A with a validation split and the write-up's loss weight
     assert differing_keys(os.path.join(RGBNT201, "ablation", "DeMo_A_baseline.yml"), base) <= {
-        "DATASETS.VAL_IDS", "MODEL.SDTPS.LOSS_WEIGHT", "OUTPUT_DIR"}
+        "DATASETS.VAL_IDS", "MODEL.FUSION.LOSS_WEIGHT", "OUTPUT_DIR"}
 
 
 def test_write_up_ablation_config_builds_the_prototype():
@@ -107,17 +110,21 @@ def test_write_up_ablation_config_builds_the_prototype():
 
 
 def test_fused_loss_weight_scales_the_fused_heads_losses(tiny_cfg):
-    """The criterion multiplies the fused head's ID + triplet loss by MODEL.SDTPS.LOSS_WEIGHT."""
-    cfg = tiny_cfg("MODEL.SDTPS.ENABLED", "True", "MODEL.SDTPS.LOSS_WEIGHT", "2.0")
+    """The model multiplies the fused head's ID + triplet loss by MODEL.FUSION.LOSS_WEIGHT
+    (catches the weight ignored or applied to the wrong head)."""
+    cfg = tiny_cfg("MODEL.SELECTION.NAME", "sdtps", "MODEL.FUSION.NAME", "mean",
+                   "MODEL.FUSION.LOSS_WEIGHT", "2.0")
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=4, num_cams=4).train()
     pids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    out = model(torch.randn(8, 3, 3, 64, 32), torch.zeros(8, dtype=torch.long))
-    criterion = ReIDCriterion(cfg)
-    total, parts, _ = criterion(out, pids, model.loss_weights)
-    expected = sum(w * (0.25 * parts[f"{name}/id"] + parts[f"{name}/triplet"])
+    out = model.forward_features(torch.randn(8, 3, 3, 64, 32), torch.zeros(8, dtype=torch.long))
+    losses = model.losses(out, pids)["losses"]
+    m = cfg.MODEL
+    unweighted = ReIDLoss(m.ID_LOSS_WEIGHT, m.TRIPLET_LOSS_WEIGHT, m.LABEL_SMOOTH, m.TRIPLET_MARGIN,
+                          m.TRIPLET_SOFT_MARGIN)(out, pids)  # every head weighted 1
+    expected = sum(w * (unweighted[f"{name}/id"] + unweighted[f"{name}/triplet"])
                    for name, w in (("ori", 1.0), ("fused", 2.0)))
-    assert total.item() == pytest.approx(expected, rel=1e-5)
+    assert sum(losses.values()).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_paper_protocol_figure_and_features_side_by_side(tiny_opts):
@@ -125,7 +132,8 @@ def test_paper_protocol_figure_and_features_side_by_side(tiny_opts):
     evaluation scores TEST.REPORT_FEATS from the same pass, and each equals what test_net.py gives
     for that feature alone (catches swapped labels or a stale feature)."""
     opts = list(tiny_opts) + ["SOLVER.MAX_EPOCHS", "3", "SOLVER.EVAL_PERIOD", "1",
-                              "MODEL.SDTPS.ENABLED", "True", "TEST.FEAT", "concat",
+                              "MODEL.SELECTION.NAME", "sdtps", "MODEL.FUSION.NAME", "mean",
+                              "TEST.FEAT", "concat",
                               "TEST.REPORT_FEATS", "['ori', 'fused', 'concat']"]
     summary = train_net.main(opts)
     out = opts[opts.index("OUTPUT_DIR") + 1]
@@ -140,7 +148,7 @@ def test_paper_protocol_figure_and_features_side_by_side(tiny_opts):
     assert "paper's protocol" in paper["protocol"]
     with open(os.path.join(out, "log.txt")) as f:
         log = f.read()
-    assert f"best test mAP over the 3 evaluated epochs (the paper's protocol" in log
+    assert "best test mAP over the 3 evaluated epochs (the paper's protocol" in log
     last = summary["last"]["results"]["test"]
     assert set(last["by_feat"]) == {"ori", "fused", "concat"}
     assert last["by_feat"]["concat"]["mAP"] == last["mAP"]

@@ -11,7 +11,7 @@ from data.build import build_data
 from engine.trainer import Trainer
 from modeling.model import build_model
 
-SDTPS_DGAF = ["MODEL.SDTPS.ENABLED", "True", "MODEL.DGAF.ENABLED", "True", "MODEL.DGAF.NUM_HEADS", "4",
+SDTPS_DGAF = ["MODEL.SELECTION.NAME", "sdtps", "MODEL.FUSION.NAME", "dgaf", "MODEL.DGAF.NUM_HEADS", "4",
               "TEST.FEAT", "concat"]
 
 
@@ -43,9 +43,8 @@ def test_one_training_step_gives_every_sdtps_and_dgaf_parameter_a_gradient(tiny_
     trainer._seed_epoch(0)
     batch = next(iter(data.train_loader))
     before = {n: p.detach().clone() for n, p in model.sdtps.named_parameters()}
-    outputs = model(batch["images"], batch["camids"])
-    loss, _, _ = trainer.compute_loss(outputs, batch["pids"])
-    loss.backward()
+    result = trainer.train_step(batch)  # backward and one optimizer step
+    assert result["finite"]
     for prefix, module in (("sdtps", model.sdtps), ("dgaf", model.dgaf)):
         for name, param in module.named_parameters():
             assert param.grad is not None, f"{prefix}.{name} has no gradient"
@@ -53,6 +52,5 @@ def test_one_training_step_gives_every_sdtps_and_dgaf_parameter_a_gradient(tiny_
                 assert bool((param.grad != 0).all()), f"{prefix}.{name}: {param.grad}"
             else:
                 assert float(param.grad.abs().sum()) > 0, f"{prefix}.{name} has a zero gradient"
-    trainer.optimizer.step()
     moved = [n for n, p in model.sdtps.named_parameters() if not torch.equal(p, before[n])]
     assert "gate_scale" in moved and "gate_bias" in moved

@@ -111,7 +111,7 @@ def test_relative_schedule_options(tiny_cfg):
 def test_param_groups(tiny_cfg, rule):
     """demo: tower (biases too) at BACKBONE_LR, "bias" names elsewhere 2x, the rest (norms, the
     camera embedding) BASE_LR; ndim: every 1-d parameter is a bias, in the tower too."""
-    cfg = tiny_cfg("SOLVER.PARAM_GROUPS", rule, "MODEL.SDTPS.ENABLED", "True",
+    cfg = tiny_cfg("SOLVER.PARAM_GROUPS", rule, "MODEL.SELECTION.NAME", "sdtps", "MODEL.FUSION.NAME", "mean",
                    "SOLVER.WEIGHT_DECAY_BIAS", "0.0")
     model = build_model(cfg, num_classes=5, num_cams=4)
     opt = build_optimizer(cfg, model)
@@ -146,7 +146,8 @@ def test_training_runs_the_tools_learning_rates(tiny_opts):
     from tools.lr_schedule import schedule_rows
 
     opts = list(tiny_opts) + ["SOLVER.MAX_EPOCHS", "3", "SOLVER.WARMUP_EPOCHS", "2",
-                              "SOLVER.EVAL_PERIOD", "3", "MODEL.SDTPS.ENABLED", "True"]
+                              "SOLVER.EVAL_PERIOD", "3", "MODEL.SELECTION.NAME", "sdtps",
+                              "MODEL.FUSION.NAME", "mean"]
     train_net.main(opts)
     out = opts[opts.index("OUTPUT_DIR") + 1]
     with open(os.path.join(out, "log.txt")) as f:

@@ -34,7 +34,7 @@ def trained(tmp_path_factory, synthetic_root):
     from tests.conftest import TINY_OPTS
 
     out = str(tmp_path_factory.mktemp("vis_train"))
-    opts = TINY_OPTS + ["DATASETS.ROOT_DIR", synthetic_root, "MODEL.SDTPS.ENABLED", "True"]
+    opts = TINY_OPTS + ["DATASETS.ROOT_DIR", synthetic_root, "MODEL.SELECTION.NAME", "sdtps", "MODEL.FUSION.NAME", "mean"]
     train_net.main(list(opts) + ["OUTPUT_DIR", out, "SOLVER.MAX_EPOCHS", "1"])
     return opts, os.path.join(out, "model_best.pth")
 
@@ -306,11 +306,11 @@ def test_token_grid_overlapping_patches_and_person_outline(trained, tmp_path):
 
 
 def test_token_tool_requires_sdtps(trained, tmp_path):
-    with pytest.raises(ValueError, match="MODEL.SDTPS.ENABLED False"):
-        visualize_tokens.main(tool_opts(trained, tmp_path, "MODEL.SDTPS.ENABLED", "False"))
-    proc = subprocess.run([sys.executable, "tools/visualize_tokens.py", "MODEL.SDTPS.ENABLED",
-                           "False"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "MODEL.SDTPS.ENABLED False" in proc.stderr
+    with pytest.raises(ValueError, match="MODEL.SELECTION.NAME none"):
+        visualize_tokens.main(tool_opts(trained, tmp_path, "MODEL.SELECTION.NAME", "none"))
+    proc = subprocess.run([sys.executable, "tools/visualize_tokens.py", "MODEL.SELECTION.NAME",
+                           "none"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "MODEL.SELECTION.NAME none" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -18,28 +18,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train_net  # noqa: E402
-from engine.trainer import Trainer  # noqa: E402
+from engine.hooks import HookBase  # noqa: E402
 from utils.dist import get_rank  # noqa: E402
 
 
-def install_hooks() -> None:
+class TestHook(HookBase):
+    """Sleeps after each step and/or requests a stop at one (rank, epoch, iteration)."""
+
+    def __init__(self, sleep: float, stop):
+        self.sleep, self.stop = sleep, stop
+
+    def after_step(self) -> None:
+        t = self.trainer
+        if self.stop is not None and (get_rank(), t.epoch + 1, t.iter + 1) == self.stop:
+            t.stop_requested = True
+        if self.sleep:
+            time.sleep(self.sleep)
+
+
+def hooks_from_env():
     sleep = float(os.environ.get("HOOK_STEP_SLEEP", "0") or 0)
     stop_at = os.environ.get("HOOK_STOP_AT", "")
     if not sleep and not stop_at:
-        return
+        return []
     stop = tuple(int(x) for x in stop_at.split(":")) if stop_at else None
-    original = Trainer.after_step
-
-    def after_step(self, result, epoch, iteration, num_iters):
-        original(self, result, epoch, iteration, num_iters)
-        if stop is not None and (get_rank(), epoch + 1, iteration + 1) == stop:
-            self.stop_requested = True
-        if sleep:
-            time.sleep(sleep)
-
-    Trainer.after_step = after_step
+    return [TestHook(sleep, stop)]
 
 
 if __name__ == "__main__":
-    install_hooks()
-    train_net.main(sys.argv[1:])
+    train_net.main(sys.argv[1:], hooks=hooks_from_env())

@@ -9,8 +9,8 @@ A grid file (yaml) names a base config, common overrides, the rows and the seeds
     opts: [SOLVER.MAX_EPOCHS, 8, DATASETS.VAL_IDS, 10]   # KEY VALUE list (or a mapping)
     seeds: [1, 2, 3]                          # each seed sets SOLVER.SEED
     rows:
-      - name: baseline
-        opts: [MODEL.SDTPS.ENABLED, False]    # overrides the common opts
+      - name: mean_fusion
+        opts: [MODEL.FUSION.NAME, mean]       # overrides the common opts
       - name: gate_1.0_0.0
         init_scale: 1.0                       # train_net.py --init_scale
         init_bias: 0.0                        # train_net.py --init_bias
@@ -47,7 +47,7 @@ Results go to ``<output>/results.csv`` and ``<output>/results.md``, one line per
   epoch with the highest test mAP (summary.json's ``best_test_paper_protocol``), in its own,
   labelled section (``paper_*`` columns of results.csv).
   With a single finished seed the std is ``n/a`` (undefined for ddof=1).
-* ``params_M``: parameters of the built model (``utils.model_size.count_parameters`` on the
+* ``params_M``: parameters of the built model (``modeling.model_size.count_parameters`` on the
   meta device, from the run's config.yaml and its dataset's identity/camera counts; falls back to
   the 2-decimal count logged by train_net.py when the dataset is not readable here);
 * ``train_seconds_mean``: mean of summary.json's ``train_seconds`` (a resumed run counts only its
@@ -81,7 +81,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from config import ConfigError, build_cfg  # noqa: E402
+from config import KEY_FLAGS, ConfigError, build_cfg  # noqa: E402
 
 TRAIN_NET = os.path.join(ROOT, "train_net.py")
 METRICS = ("mAP", "R1", "R5", "R10", "mINP")
@@ -275,6 +275,15 @@ class Run:
         return [sys.executable, TRAIN_NET] + (["--resume"] if resume else []) + self.args
 
 
+def flag_pairs(row: Row) -> List[str]:
+    """KEY VALUE pairs of the row's --init_scale / --init_bias (config.KEY_FLAGS)."""
+    pairs = []
+    for flag, value in (("--init_scale", row.init_scale), ("--init_bias", row.init_bias)):
+        if value is not None:
+            pairs += [KEY_FLAGS[flag][0], repr(float(value))]
+    return pairs
+
+
 def run_args(grid: Grid, row: Row, seed: int, folder: str) -> List[str]:
     args = ["--config_file", row.config or grid.base_path]
     if row.init_scale is not None:
@@ -293,7 +302,7 @@ def plan_runs(grid: Grid, output: str) -> List[Run]:
             args = run_args(grid, row, seed, folder)
             opts = grid.opts + row.opts + ["SOLVER.SEED", str(seed), "OUTPUT_DIR", folder]
             try:
-                cfg = build_cfg(row.config or grid.base_path, opts, row.init_scale, row.init_bias)
+                cfg = build_cfg(row.config or grid.base_path, opts + flag_pairs(row))
             except (ConfigError, FileNotFoundError, ValueError) as exc:
                 errors.append(f"row {row.name!r}: {exc}")
                 break  # one message per row is enough
@@ -489,7 +498,7 @@ def run_params(folder: str) -> Optional[float]:
     """Parameters (millions) of the run's model: exact on the meta device, else the logged count."""
     try:
         from data.datasets import build_dataset
-        from utils.model_size import build_on_meta, count_parameters
+        from modeling.model_size import build_on_meta, count_parameters
 
         with contextlib.redirect_stdout(sys.stderr):
             cfg = build_cfg(os.path.join(folder, "config.yaml"))
@@ -651,7 +660,7 @@ def write_results(grid: Grid, table: List[dict], output: str, command: str) -> N
     notes = ["", "Notes:",
              ("- n/a in the best table: some seed had no validation split (DATASETS.VAL_IDS 0), so "
               "its best was chosen on the test split; that number is optimistic and not reported."),
-             "- params: parameters of the built model (utils.model_size.count_parameters).",
+             "- params: parameters of the built model (modeling.model_size.count_parameters).",
              ("- train time: mean of summary.json's train_seconds; † = some seed was resumed, and a "
               "resumed run counts only its final attempt.")]
     missing = [f"{line['row']} (seeds {line['missing_seeds']})" for line in table if line["missing_seeds"]]

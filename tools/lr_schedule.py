@@ -25,7 +25,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from config import build_cfg  # noqa: E402
 from solver.build import build_optimizer, build_scheduler, set_epoch_lr  # noqa: E402
-from utils.model_size import DATASET_SIZES, build_on_meta  # noqa: E402
+from data.datasets import dataset_class  # noqa: E402
+from modeling.model_size import build_on_meta  # noqa: E402
 from utils.visualization import (BLACK, LIGHT_GRAY, WHITE, categorical_color, get_font,  # noqa: E402
                                  line_height, text_size)
 
@@ -34,7 +35,7 @@ HEADER = ("epoch", "param", "lr", "weight_decay")
 
 def schedule_rows(cfg) -> List[Tuple[int, str, str, float, float]]:
     """(epoch, param name, group kind, lr, weight decay) for every epoch and trainable tensor."""
-    num_classes, num_cams = DATASET_SIZES[cfg.DATASETS.NAMES]
+    num_classes, num_cams = dataset_class(cfg.DATASETS.NAMES).train_size(cfg)
     model = build_on_meta(cfg, num_classes, num_cams)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)

@@ -14,8 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import build_cfg  # noqa: E402
 from utils.logger import setup_logger  # noqa: E402
-from utils.model_size import (DATASET_SIZES, build_on_meta, count_flops, count_parameters,  # noqa: E402
-                              module_parameters)
+from data.datasets import dataset_class  # noqa: E402
+from modeling.model_size import build_on_meta, count_flops, count_parameters, module_parameters  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -28,7 +28,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     setup_logger()
     cfg = build_cfg(args.config_file, args.opts)
-    default_classes, default_cams = DATASET_SIZES[cfg.DATASETS.NAMES]
+    default_classes, default_cams = dataset_class(cfg.DATASETS.NAMES).train_size(cfg)
     num_classes = args.num_classes or default_classes
     num_cams = args.num_cams or default_cams
     model = build_on_meta(cfg, num_classes, num_cams)

@@ -10,7 +10,7 @@ person (at least half of the patch's pixels on the person mask, the evaluation's
 a dataset with person masks (the synthetic one). Signals, computed from the model's own forward:
 
 * ``sdtps``: SDTPS's combined score (what the model keeps at its own ratio; models with
-  ``MODEL.SDTPS.ENABLED``);
+  ``MODEL.SELECTION.NAME sdtps``);
 * ``cls_attn``: the backbone's last block, attention of the global (CLS) token to each patch,
   mean over heads (a reference: what the backbone itself attends to);
 * ``cos_own`` / ``cos_other``: cosine of each patch to its own modality's global token / mean
@@ -23,6 +23,7 @@ a dataset with person masks (the synthetic one). Signals, computed from the mode
 
 At the model's own ratio the ``sdtps`` row equals the kept-token foreground precision logged by
 the evaluation. Used in docs/sdtps.md to show whether the learned scorer beats trivial signals.
+The probe is an evaluator (:class:`SelectionProbe`) run by the evaluation driver.
 """
 import argparse
 import os
@@ -35,9 +36,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from config import build_cfg  # noqa: E402
-from engine.evaluator import patch_foreground  # noqa: E402
+from engine.defaults import load_trained  # noqa: E402
+from engine.evaluator import DatasetEvaluator, inference_on_dataset, patch_foreground  # noqa: E402
 from modeling.sdtps import MODALITIES, num_kept  # noqa: E402
-from test_net import load_trained  # noqa: E402
 
 SIGNALS = ("sdtps", "cls_attn", "cos_own", "cos_other", "norm")
 
@@ -68,81 +69,97 @@ class LastBlockClsAttention:
         self.handle.remove()
 
 
-def signals_for_batch(model, hook: LastBlockClsAttention, images, cams) -> Dict[str, torch.Tensor]:
-    """Every signal for one batch: name -> (B, 3, N)."""
-    b = images.shape[0]
-    tokens = model.encode(images, cams)  # (B, 3, 1 + N, C), as inside the model; fills the hook
-    globals_, patches = tokens[:, :, 0], tokens[:, :, 1:]
-    sdtps = model.sdtps(patches, globals_).scores.float() if model.sdtps is not None else None
-    globals_, patches = globals_.float(), patches.float()
+def signals(outputs: Dict, cls_attn: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Every signal of one batch from the model's outputs: name -> (B, 3, N)."""
+    tokens = outputs["tokens"]  # (B, 3, 1 + N, C), as inside the model
+    b = tokens.shape[0]
+    globals_, patches = tokens[:, :, 0].float(), tokens[:, :, 1:].float()
     cos = torch.einsum("bmnc,bgc->bmgn", F.normalize(patches, dim=-1), F.normalize(globals_, dim=-1))
     own = torch.diagonal(cos, dim1=1, dim2=2).permute(0, 2, 1)  # (B, 3, N): cos[:, m, m]
     other = (cos.sum(dim=2) - own) / 2.0
     out = {
-        "cls_attn": hook.value.float().view(3, b, -1).transpose(0, 1),
+        "cls_attn": cls_attn.float().view(3, b, -1).transpose(0, 1),
         "cos_own": own,
         "cos_other": other,
         "norm": patches.norm(dim=-1),
     }
-    if sdtps is not None:
-        out["sdtps"] = sdtps
+    if "selection" in outputs and hasattr(outputs["selection"], "scores"):
+        out["sdtps"] = outputs["selection"].scores.float()
     return out
 
 
-@torch.no_grad()
-def probe(model, eval_set, device, ratios: Sequence[float]) -> Dict:
-    """Foreground precision of every signal's top-K for every ratio.
+class SelectionProbe(DatasetEvaluator):
+    """Foreground precision of every signal's top-K for every ratio (see the module docstring).
 
-    Returns {"ratios": [...], "K": [...], "N": n, "precision": {signal: [per ratio]}} with the
-    rows ``random`` and ``perfect`` included.
+    ``evaluate()`` -> {"ratios", "K", "N", "precision": {signal: [per ratio]}} with the rows
+    ``random`` and ``perfect`` included. Single process. Installs a forward hook on the
+    backbone's last block; ``close()`` removes it.
     """
-    model.eval()
-    backbone = model.backbone
-    hook = LastBlockClsAttention(backbone.vit.blocks[-1].attn, backbone.vit.num_prefix_tokens)
-    hits: Dict[str, List[float]] = {}
-    best = [0.0] * len(ratios)
-    kept = [0.0] * len(ratios)
-    fg_total = total = 0.0
-    n = None
+
+    def __init__(self, model, eval_set, ratios: Sequence[float]):
+        self.eval_set, self.ratios = eval_set, list(ratios)
+        vit = model.backbone.vit
+        self.hook = LastBlockClsAttention(vit.blocks[-1].attn, vit.num_prefix_tokens)
+        self.reset()
+
+    def reset(self) -> None:
+        self.hits: Dict[str, List[float]] = {}
+        self.best = [0.0] * len(self.ratios)
+        self.kept = [0.0] * len(self.ratios)
+        self.fg_total = self.total = 0.0
+        self.n = None
+
+    def process(self, batch: Dict, outputs: Dict, flipped=None) -> None:
+        if "masks" not in batch:
+            raise NoMasksError(
+                f"the {self.eval_set.name} split has no person masks; the probe needs the synthetic "
+                "dataset (DATASETS.NAMES Synthetic)")
+        sigs = signals(outputs, self.hook.value)
+        b, _, n = sigs["norm"].shape
+        self.n = n
+        patch_size, stride = outputs["patch_geometry"]
+        fg = patch_foreground(batch["masks"], patch_size, stride) >= 0.5
+        fg = fg.to(sigs["norm"].device).unsqueeze(1).expand(b, 3, n)
+        self.fg_total += float(fg.sum())
+        self.total += fg.numel()
+        for i, ratio in enumerate(self.ratios):
+            k = num_kept(n, ratio)
+            self.kept[i] += b * 3 * k
+            self.best[i] += float(fg.sum(-1).clamp(max=k).sum())
+            for name, value in sigs.items():
+                idx = value.topk(k, dim=-1).indices
+                on_person = fg.gather(-1, idx).sum(dim=(0, 2)).tolist()  # per modality
+                self.hits.setdefault(name, [0.0] * len(self.ratios))[i] += sum(on_person)
+                if name == "sdtps":
+                    for m, modality in enumerate(MODALITIES):
+                        # x3: the per-modality count is divided by the all-modality kept total
+                        self.hits.setdefault(f"sdtps {modality}", [0.0] * len(self.ratios))[i] += 3 * on_person[m]
+
+    def evaluate(self) -> Dict:
+        if self.total == 0:
+            raise ValueError(f"the {self.eval_set.name} split yielded no readable samples")
+        names = [n for n in SIGNALS if n in self.hits]
+        if "sdtps" in self.hits:
+            names[1:1] = [f"sdtps {modality}" for modality in MODALITIES]
+        precision = {name: [h / kk for h, kk in zip(self.hits[name], self.kept)] for name in names}
+        precision["random"] = [self.fg_total / self.total] * len(self.ratios)
+        precision["perfect"] = [bb / kk for bb, kk in zip(self.best, self.kept)]
+        return {"ratios": list(self.ratios), "K": [num_kept(self.n, r) for r in self.ratios],
+                "N": self.n, "precision": precision}
+
+    def close(self) -> None:
+        self.hook.remove()
+
+
+def probe(model, eval_set, device, ratios: Sequence[float]) -> Dict:
+    """Run :class:`SelectionProbe` over ``eval_set`` (fp32, all modalities)."""
+    evaluator = SelectionProbe(model, eval_set, ratios)
     try:
-        for batch in eval_set.loader:
-            if "images" not in batch:
-                continue
-            if "masks" not in batch:
-                raise NoMasksError(
-                    f"the {eval_set.name} split has no person masks; the probe needs the synthetic "
-                    "dataset (DATASETS.NAMES Synthetic)")
-            images, cams = batch["images"].to(device), batch["camids"].to(device)
-            sigs = signals_for_batch(model, hook, images, cams)
-            b, _, n = sigs["norm"].shape
-            fg = (patch_foreground(batch["masks"], backbone.patch_size, backbone.stride) >= 0.5)
-            fg = fg.to(device).unsqueeze(1).expand(b, 3, n)
-            fg_total += float(fg.sum())
-            total += fg.numel()
-            for i, ratio in enumerate(ratios):
-                k = num_kept(n, ratio)
-                kept[i] += b * 3 * k
-                best[i] += float(fg.sum(-1).clamp(max=k).sum())
-                for name, value in sigs.items():
-                    idx = value.topk(k, dim=-1).indices
-                    on_person = fg.gather(-1, idx).sum(dim=(0, 2)).tolist()  # per modality
-                    hits.setdefault(name, [0.0] * len(ratios))[i] += sum(on_person)
-                    if name == "sdtps":
-                        for m, modality in enumerate(MODALITIES):
-                            # x3: the per-modality count is divided by the all-modality kept total
-                            hits.setdefault(f"sdtps {modality}", [0.0] * len(ratios))[i] += 3 * on_person[m]
+        result = inference_on_dataset(model, eval_set, [evaluator], device)
     finally:
-        hook.remove()
-    if total == 0:
-        raise ValueError(f"the {eval_set.name} split yielded no readable samples")
-    names = [n for n in SIGNALS if n in hits]
-    if "sdtps" in hits:
-        names[1:1] = [f"sdtps {modality}" for modality in MODALITIES]
-    precision = {name: [h / kk for h, kk in zip(hits[name], kept)] for name in names}
-    precision["random"] = [fg_total / total] * len(ratios)
-    precision["perfect"] = [bb / kk for bb, kk in zip(best, kept)]
-    return {"ratios": list(ratios), "K": [num_kept(n, r) for r in ratios], "N": n,
-            "precision": precision}
+        evaluator.close()
+    result.pop("num_skipped", None)
+    return result
 
 
 def format_table(result: Dict) -> str:

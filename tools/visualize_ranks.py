@@ -33,8 +33,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from config import build_cfg  # noqa: E402
 from data.datasets import BadImageError, read_triplet  # noqa: E402
-from engine.evaluator import extract_with_cfg, split_query_gallery  # noqa: E402
-from test_net import load_trained  # noqa: E402
+from engine.defaults import load_trained  # noqa: E402
+from engine.evaluator import ReIDEvaluator, evaluate, split_query_gallery  # noqa: E402
 from utils.metrics import compute_distance, junk_mask  # noqa: E402
 from utils.visualization import (CORRECT, LIGHT_GRAY, MID_GRAY, QUERY, WRONG, GridLayout,  # noqa: E402
                                  add_border, draw_text, get_font, line_height,
@@ -178,7 +178,9 @@ def main(argv=None) -> dict:
     if cfg.TEST.MISS == "all":
         raise ValueError("TEST.MISS all is a table of settings; pick one (none, r, n, t, rn, rt, nt)")
     test_set = data.eval_sets["test"]
-    ex = extract_with_cfg(model, test_set, cfg, device)
+    reid = ReIDEvaluator.from_config(cfg, test_set)
+    evaluate(model, test_set, cfg, device, evaluators=[reid])
+    ex = reid.extracted
     q, g = split_query_gallery(ex, test_set)
     feats = F.normalize(ex["feats"], dim=1)
     distmat = compute_distance(feats[torch.from_numpy(q)], feats[torch.from_numpy(g)],

@@ -5,7 +5,7 @@
     python tools/visualize_tokens.py --config_file F --num_samples 6 --output tokens.png \\
         [--indices 0 5 9] [--scale 3] [--person_outline] [--scores] TEST.WEIGHT W [KEY VALUE ...]
 
-The model must select tokens (``MODEL.SDTPS.ENABLED True``); otherwise the tool stops with an
+The model must select tokens (``MODEL.SELECTION.NAME sdtps``); otherwise the tool stops with an
 error before loading anything. Each image is shown as the model sees it (resized to
 ``INPUT.SIZE_TEST``), enlarged ``--scale`` times with nearest-neighbour pixels. Every patch is
 drawn as its tile: the patch itself when the stride is at least the patch size, else the
@@ -35,11 +35,11 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from config import build_cfg  # noqa: E402
+from engine.defaults import load_trained  # noqa: E402
 from data.build import collate_skipping  # noqa: E402
 from data.datasets import read_triplet  # noqa: E402
 from engine.evaluator import patch_foreground  # noqa: E402
 from modeling.sdtps import MODALITIES  # noqa: E402
-from test_net import load_trained  # noqa: E402
 from utils.visualization import (KEPT, MID_GRAY, PERSON, GridLayout, colormap, draw_text,  # noqa: E402
                                  get_font, hatch, line_height, mask_edges, wrap_text)
 
@@ -50,7 +50,7 @@ PANEL_GAP = 3       # px between an image and its score map (--scores)
 
 
 class SDTPSDisabledError(ValueError):
-    """The configured model does not select tokens (MODEL.SDTPS.ENABLED False)."""
+    """The configured model does not select tokens (MODEL.SELECTION.NAME none)."""
 
 
 def patch_tiles(grid: Sequence[int], patch: Sequence[int], stride: Sequence[int]) -> np.ndarray:
@@ -159,11 +159,11 @@ def main(argv=None) -> dict:
     """Write the kept-token PNG; returns its path, the keep masks and the geometry (for tests)."""
     args = build_parser().parse_args(argv)
     cfg = build_cfg(args.config_file, args.opts)
-    if not cfg.MODEL.SDTPS.ENABLED:
+    if cfg.MODEL.SELECTION.NAME == "none":
         raise SDTPSDisabledError(
             "visualize_tokens needs a model that selects tokens, but the config has "
-            "MODEL.SDTPS.ENABLED False: give the config the checkpoint was trained with, or add "
-            "MODEL.SDTPS.ENABLED True")
+            "MODEL.SELECTION.NAME none: give the config the checkpoint was trained with, or add "
+            "MODEL.SELECTION.NAME sdtps MODEL.FUSION.NAME mean (or dgaf)")
     device, data, model, logger = load_trained(cfg)
 
     test_set = data.eval_sets["test"]
@@ -173,9 +173,9 @@ def main(argv=None) -> dict:
     if batch["num_skipped"]:
         raise ValueError(f"{batch['num_skipped']} of the chosen samples could not be read")
     with torch.no_grad():
-        outputs = model(batch["images"].to(device), batch["camids"].to(device))
+        outputs = model.forward_features(batch["images"].to(device), batch["camids"].to(device))
     keep = outputs["keep_mask"].cpu().numpy()                  # (B, 3, N)
-    scores = outputs["sdtps"].scores.float().cpu().numpy()     # (B, 3, N)
+    scores = outputs["selection"].scores.float().cpu().numpy()  # (B, 3, N)
     backbone = model.backbone
     grid, patch, stride = backbone.grid_size, backbone.patch_size, backbone.stride
     n = keep.shape[-1]

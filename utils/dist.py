@@ -37,6 +37,13 @@ def init_distributed(device: torch.device) -> None:
     dist.init_process_group(backend=backend)
 
 
+def collective_device() -> torch.device:
+    """Where tensors must live for a collective: the current GPU under NCCL, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 

@@ -15,11 +15,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from modeling.model import build_model
 
-# Training identities and cameras of the real datasets (published sizes), for sizing models
-# without reading the data.
-DATASET_SIZES = {"RGBNT201": (171, 4), "RGBNT100": (50, 8), "MSVR310": (155, 8), "Synthetic": (60, 4)}
-
-
 def count_parameters(model: torch.nn.Module) -> Dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -54,7 +49,7 @@ def count_flops(model: torch.nn.Module, size) -> int:
         for p in model.parameters():
             p.requires_grad_(False)
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            model(images, cams)
+            model.forward_features(images, cams)
     finally:
         for p, flag in zip(model.parameters(), requires):
             p.requires_grad_(flag)
