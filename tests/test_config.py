@@ -158,9 +158,74 @@ def test_defaults_are_not_shared():
 @pytest.mark.parametrize("path", [p for p in __import__("glob").glob("configs/**/*.yml", recursive=True)
                                   if "ablations" not in p])  # ablation grids are not configs
 def test_shipped_configs_load(path):
-    """Every shipped config builds, and the heads its validation assumes are the model's."""
+    """Every shipped config builds, and the model has what the file (or its _BASE_ chain, else
+    the default) says: heads, PIFE / HDM / ATMoE, selection and fusion modules and their head
+    counts, feature width, loss weights (catches MODEL.FUSION.LOSS_WEIGHT or the ID / triplet
+    weights not reaching the objective, a module built or left out against the file)."""
+    import os
+
     from modeling.model import head_names
     from modeling.model_size import build_on_meta
+    from modeling.registry import FUSION_REGISTRY, SELECTION_REGISTRY
+
+    def file_value(file, key):
+        with open(file) as f:
+            content = yaml.safe_load(f) or {}
+        node = content
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return node
+        if content.get("_BASE_"):
+            return file_value(os.path.join(os.path.dirname(file), content["_BASE_"]), key)
+        node = get_cfg_defaults()
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    def value(key):
+        return file_value(path, key)
 
     cfg = build_cfg(path, ["MODEL.PRETRAIN_PATH", ""])
-    assert tuple(build_on_meta(cfg, 10, 4).heads) == head_names(cfg)
+    model = build_on_meta(cfg, 10, 4)
+    hdm, atmoe = value("MODEL.HDM.ENABLED"), value("MODEL.ATMOE.ENABLED")
+    selection, fusion = value("MODEL.SELECTION.NAME"), value("MODEL.FUSION.NAME")
+    heads = ["ori"] if value("MODEL.DIRECT") else ["ori_rgb", "ori_ni", "ori_ti"]
+    heads += (["moe" if atmoe else "hdm"] if hdm else []) + (["fused"] if fusion != "none" else [])
+    assert tuple(model.heads) == head_names(cfg) == tuple(heads)
+    assert (model.pife is not None, model.hdm is not None, model.atmoe is not None) == (
+        value("MODEL.PIFE.ENABLED"), hdm, atmoe)
+
+    dim = model.backbone.out_dim
+    if value("MODEL.PROJ_DIM") > 0:
+        assert dim == value("MODEL.PROJ_DIM")
+    widths = {"ori": 3 * dim, "hdm": 7 * dim, "moe": 7 * dim, "fused": 3 * dim}
+    for name, head in model.heads.items():
+        width = widths.get(name, dim)
+        assert (head.bn.num_features, head.classifier.out_features) == (width, 10), name
+        assert sum(p.numel() for p in head.parameters()) == 2 * width + 10 * width, name
+
+    if selection == "none":
+        assert model.selection is None
+    else:
+        assert isinstance(model.selection, SELECTION_REGISTRY.get(selection))
+    if selection == "sdtps":
+        assert model.selection.num_heads == value("MODEL.SDTPS.NUM_HEADS")
+        assert model.selection.sparse_ratio == value("MODEL.SDTPS.SPARSE_RATIO")
+    if fusion == "none":
+        assert model.fusion is None
+    else:
+        assert isinstance(model.fusion, FUSION_REGISTRY.get(fusion))
+    if fusion == "dgaf":
+        assert model.fusion.num_heads == value("MODEL.DGAF.NUM_HEADS")
+
+    fused_weight = value("MODEL.FUSION.LOSS_WEIGHT")
+    assert model.loss_weights == {h: (fused_weight if h == "fused" else 1.0) for h in heads}
+    assert list(model.objectives) == list(value("MODEL.LOSSES"))
+    if "reid" in model.objectives:
+        reid = model.objectives["reid"]
+        assert reid.head_weights == model.loss_weights
+        assert (reid.id_weight, reid.triplet_weight) == (value("MODEL.ID_LOSS_WEIGHT"),
+                                                         value("MODEL.TRIPLET_LOSS_WEIGHT"))
+        assert reid.id_loss.epsilon == value("MODEL.LABEL_SMOOTH")
+        assert reid.triplet_loss.soft_margin == value("MODEL.TRIPLET_SOFT_MARGIN")

@@ -154,6 +154,8 @@ MODULE_CONFIGS = {
 def test_every_parameter_gets_a_gradient(extra):
     """DDP is built with find_unused_parameters=False (no extra graph walk per step), which needs
     every trainable parameter to receive a gradient in every step."""
+    import re
+
     cfg = build_cfg("", TINY_OPTS + extra)
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=4, num_cams=4).train()
@@ -163,3 +165,13 @@ def test_every_parameter_gets_a_gradient(extra):
     sum(out["losses"].values()).backward()  # the Trainer's objective
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused
+    # Also a non-zero gradient (a parameter cut off by a detach or a zero factor gets zeros).
+    # Exempt: a bias added to a whole feature right before a BNNeck head (the ViT's final norm
+    # bias feeding the global "ori" feature, HDM's output projection biases feeding "hdm", DGAF's
+    # final norm bias feeding "fused"). BN in training mode subtracts the batch mean and the
+    # triplet distances ignore a common shift, so their gradient is mathematically zero
+    # (measured |grad| sum ~1e-7, rounding noise).
+    shift_before_bn = re.compile(r"backbone\.vit\.norm\.bias|hdm\.attn\.\d+\.out_proj\.bias|dgaf\.fuse_norm\.bias")
+    zero = [n for n, p in model.named_parameters()
+            if p.requires_grad and not shift_before_bn.fullmatch(n) and float(p.grad.abs().sum()) == 0.0]
+    assert not zero

@@ -128,3 +128,50 @@ def test_kept_token_foreground_precision_against_masks_on_disk(tiny_opts):
     assert metrics["fg_precision"] == pytest.approx(kept_fg / kept)
     assert metrics["fg_best"] == pytest.approx(best / kept)
     assert metrics["fg_share"] == pytest.approx(fg / total)
+
+
+from modeling.heads import HeadOutput  # noqa: E402  (used by the flip TTA tests below)
+
+
+class _AsymmetricStub(torch.nn.Module):
+    """Stub model with heads "ori" and "fused" whose features change under a horizontal flip:
+    ori = column means of the image (mirrored by the flip), fused = weighted column sums."""
+
+    def forward(self, batch):
+        images = batch["images"].float()  # (B, 3, 3, H, W)
+        cols = images.mean(dim=(1, 2, 3))  # (B, W)
+        ramp = torch.arange(1, cols.shape[1] + 1, dtype=cols.dtype)
+        ori = cols
+        fused = torch.stack([(cols * ramp).sum(1), cols.sum(1) + 1.0, (cols * ramp.flip(0)).sum(1)], 1)
+        heads = {name: HeadOutput(f, 3.0 * f - 1.0, f[:, :2]) for name, f in (("ori", ori), ("fused", fused))}
+        return {"heads": heads}
+
+
+@pytest.mark.parametrize("feat,neck,norm", [("ori", "before", "once"), ("ori", "after", "once"),
+                                            ("concat", "before", "per_part"),
+                                            ("concat", "after", "once")])
+def test_flip_tta_feature_is_the_mean_of_plain_and_mirrored(tiny_opts, feat, neck, norm):
+    """With TEST.FLIP the extracted feature is (f(x) + f(mirror x)) / 2 of the retrieval feature
+    (TEST.FEAT / NECK_FEAT / FEAT_NORM applied to each pass), not either pass alone.
+    Catches breakage flip-tta-mirror-only."""
+    from config import build_cfg
+    from data.build import build_data
+    from engine.evaluator import ReIDEvaluator, evaluate
+    from modeling.heads import retrieval_feature
+
+    cfg = build_cfg(opts=list(tiny_opts) + ["TEST.FLIP", "True", "TEST.FEAT", feat,
+                                            "TEST.NECK_FEAT", neck, "TEST.FEAT_NORM", norm])
+    eval_set = build_data(cfg).eval_sets["test"]
+    model = _AsymmetricStub()
+    evaluator = ReIDEvaluator.from_config(cfg, eval_set)
+    evaluate(model, eval_set, cfg, torch.device("cpu"), evaluators=[evaluator])
+
+    plain, mirrored = [], []
+    for batch in eval_set.loader:
+        for images, out in ((batch["images"], plain), (batch["images"].flip(-1), mirrored)):
+            heads = model({"images": images, "camids": batch["camids"]})["heads"]
+            out.append(retrieval_feature(heads, feat, neck, norm))
+    plain, mirrored = torch.cat(plain), torch.cat(mirrored)
+    got = evaluator.extracted["feats"]
+    assert not torch.allclose(plain, mirrored, atol=1e-3)  # the stub is asymmetric under the flip
+    assert torch.allclose(got, (plain + mirrored) / 2, atol=1e-5)

@@ -1,0 +1,248 @@
+"""Check that the test suite catches deliberate breakages (mutation testing by hand).
+
+Each breakage replaces one exact string of one file. For each, the repository's files (tracked,
+plus untracked files that git does not ignore) are copied to a temporary folder, the breakage is
+applied there, and ``python -m pytest -q -x <tests>`` runs in that copy: a failing run means the
+breakage is caught. The clean copy is tested first (a test that already fails would make every
+breakage look caught). The working tree itself is never modified.
+
+Usage: python tools/check_breakages.py [--only ID ...] [--keep] [--timeout S] [--no-baseline]
+
+Exit code 0 when every breakage is caught; 1 when one is missed (or times out) or the baseline
+fails; 2 when an ``old`` string is not found exactly once in its file (a stale list).
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import List, NamedTuple, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Breakage(NamedTuple):
+    id: str
+    description: str
+    file: str
+    old: str
+    new: str
+    tests: Tuple[str, ...]
+
+
+BREAKAGES: List[Breakage] = [
+    Breakage("triplet-easiest-positive",
+             "batch-hard triplet uses the easiest (nearest, not self) positive",
+             "modeling/losses.py",
+             'd_ap = dist.masked_fill(~same, float("-inf")).max(dim=1).values',
+             'd_ap = dist.masked_fill(~same | torch.eye(len(dist), dtype=torch.bool), '
+             'float("inf")).min(dim=1).values',
+             ("tests/test_losses.py",)),
+    Breakage("triplet-easiest-negative",
+             "batch-hard triplet uses the easiest (farthest) negative",
+             "modeling/losses.py",
+             'd_an = dist.masked_fill(same, float("inf")).min(dim=1).values',
+             'd_an = dist.masked_fill(same, float("-inf")).max(dim=1).values',
+             ("tests/test_losses.py",)),
+    Breakage("triplet-soft-margin-ignored",
+             "TRIPLET_SOFT_MARGIN ignored: always the margin loss",
+             "modeling/losses.py",
+             "if self.soft_margin:",
+             "if False:",
+             ("tests/test_losses.py",)),
+    Breakage("label-smoothing-ignored",
+             "CrossEntropyLabelSmooth passes label_smoothing=0",
+             "modeling/losses.py",
+             "label_smoothing=self.epsilon",
+             "label_smoothing=0",
+             ("tests/test_losses.py",)),
+    Breakage("id-loss-weight-ignored",
+             "MODEL.ID_LOSS_WEIGHT not applied to the ID loss",
+             "modeling/losses.py",
+             "w * (self.id_weight * self.id_loss(head.logits, pids))",
+             "w * self.id_loss(head.logits, pids)",
+             ("tests/test_losses.py",)),
+    Breakage("fused-loss-weight-ignored",
+             "MODEL.FUSION.LOSS_WEIGHT ignored: the fused head weighs 1",
+             "modeling/model.py",
+             '(m.FUSION.LOSS_WEIGHT if name == "fused" else 1.0)',
+             "1.0",
+             ("tests/test_losses.py", "tests/test_config.py")),
+    Breakage("non-strict-loads-nothing",
+             "MODEL.LOAD_STRICT False loads no key when the checkpoint differs",
+             "utils/checkpoint.py",
+             "compatible = {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}",
+             "compatible = {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape"
+             " and not problems}",
+             ("tests/test_checkpoint_loading.py",)),
+    Breakage("flip-tta-mirror-only",
+             "TEST.FLIP uses the mirrored image's feature only, not the mean",
+             "engine/evaluator.py",
+             "f = (f + self._feature(flipped, name)) / 2",
+             "f = self._feature(flipped, name)",
+             ("tests/test_evaluation.py",)),
+    Breakage("cosine-distance-sign-flipped",
+             "cosine retrieval distance cos - 1 instead of 1 - cos",
+             "utils/metrics.py",
+             "block.neg_().add_(1.0)",
+             "block.add_(-1.0)",
+             ("tests/test_metrics.py",)),
+    Breakage("same-camera-junk-kept",
+             "same-pid same-camera gallery items no longer removed as junk",
+             "utils/metrics.py",
+             "junk = member & (g_key[cols] == q_key[:, None])",
+             "junk = member & False",
+             ("tests/test_metrics.py",)),
+    Breakage("rerank-lambda-ignored",
+             "re-ranking ignores lambda_value (always 0.3)",
+             "utils/rerank.py",
+             "lam = float(lambda_value)",
+             "lam = 0.3",
+             ("tests/test_rerank.py",)),
+    Breakage("sdtps-keeps-lowest",
+             "SDTPS top-K keeps the K lowest-scored patches",
+             "modeling/sdtps.py",
+             "keep_idx = combined.detach().topk(k, dim=-1).indices",
+             "keep_idx = combined.detach().topk(k, dim=-1, largest=False).indices",
+             ("tests/test_sdtps.py",)),
+    Breakage("sdtps-straight-through-zeroed",
+             "SDTPS straight-through weight carries a zero gradient to the scorer",
+             "modeling/sdtps.py",
+             "ste_weights = keep_mask.to(combined.dtype) + (combined - combined.detach())",
+             "ste_weights = keep_mask.to(combined.dtype) + 0.0 * (combined - combined.detach())",
+             ("tests/test_distributed.py::test_every_parameter_gets_a_gradient",)),
+    Breakage("dgaf-num-heads-ignored",
+             "MODEL.DGAF.NUM_HEADS ignored: DGAF always built with 8 heads",
+             "modeling/dgaf.py",
+             "num_heads=d.NUM_HEADS",
+             "num_heads=8",
+             ("tests/test_config.py",)),
+    Breakage("mean-fusion-ignores-weights",
+             "mean fusion averages every patch, ignoring the selection weights",
+             "modeling/fusion.py",
+             "weight = weights.to(tokens.dtype)",
+             "weight = torch.ones_like(weights, dtype=tokens.dtype)",
+             ("tests/test_sdtps.py", "tests/test_model.py")),
+]
+
+
+def repo_files() -> List[str]:
+    """Tracked files plus untracked files git does not ignore, that exist in the working tree."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         cwd=ROOT, check=True, capture_output=True).stdout.decode()
+    return sorted({f for f in out.split("\0") if f and os.path.isfile(os.path.join(ROOT, f))})
+
+
+def copy_tree(files: List[str], dest: str) -> None:
+    for rel in files:
+        target = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, rel), target)
+
+
+def stale(b: Breakage) -> str:
+    """Why ``b`` cannot be applied to the working tree, or "" when its ``old`` occurs once."""
+    path = os.path.join(ROOT, b.file)
+    if not os.path.isfile(path):
+        return f"{b.file} not found"
+    count = open(path).read().count(b.old)
+    return "" if count == 1 else f"old string found {count} times in {b.file}"
+
+
+def run_tests(folder: str, tests, timeout: float) -> Tuple[str, str, float]:
+    """(outcome "passed" / "failed" / "timeout", first failing test or output tail, seconds)."""
+    env = dict(os.environ, PYTHONPATH=folder, PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    start = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", f"over {timeout:.0f} s", time.time() - start
+    seconds = time.time() - start
+    if proc.returncode == 0:
+        return "passed", "", seconds
+    lines = (proc.stdout + proc.stderr).splitlines()
+    first = next((ln for ln in lines if ln.startswith(("FAILED ", "ERROR "))), lines[-1] if lines else "")
+    return "failed", first.split(" - ")[0].replace("FAILED ", "", 1), seconds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     usage="python tools/check_breakages.py [--only ID ...] [--keep]")
+    parser.add_argument("--only", nargs="+", metavar="ID", help="run only these breakages")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary copies")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per pytest run")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the clean-copy run")
+    args = parser.parse_args(argv)
+
+    ids = [b.id for b in BREAKAGES]
+    if len(set(ids)) != len(ids):
+        print("duplicate breakage ids", file=sys.stderr)
+        return 2
+    chosen = BREAKAGES
+    if args.only:
+        unknown = sorted(set(args.only) - set(ids))
+        if unknown:
+            print(f"unknown id(s): {', '.join(unknown)}; known: {', '.join(ids)}", file=sys.stderr)
+            return 2
+        chosen = [b for b in BREAKAGES if b.id in args.only]
+    problems = [(b.id, stale(b)) for b in chosen if stale(b)]
+    if problems:
+        for bid, why in problems:
+            print(f"STALE {bid}: {why}", file=sys.stderr)
+        print("the breakage list no longer matches the code: update tools/check_breakages.py",
+              file=sys.stderr)
+        return 2
+
+    start = time.time()
+    files = repo_files()
+    work = tempfile.mkdtemp(prefix="breakages_")
+    rows, missed = [], 0
+    try:
+        if not args.no_baseline:
+            clean = os.path.join(work, "clean")
+            copy_tree(files, clean)
+            tests = sorted({t for b in chosen for t in b.tests})
+            outcome, detail, seconds = run_tests(clean, tests, args.timeout * 2)
+            print(f"baseline (clean copy, {len(tests)} test targets): {outcome} in {seconds:.0f} s",
+                  flush=True)
+            if outcome != "passed":
+                print(f"the tests fail without any breakage ({detail}): results would be meaningless",
+                      file=sys.stderr)
+                return 1
+        for b in chosen:
+            folder = os.path.join(work, b.id)
+            copy_tree(files, folder)
+            path = os.path.join(folder, b.file)
+            with open(path) as f:
+                text = f.read()
+            with open(path, "w") as f:
+                f.write(text.replace(b.old, b.new, 1))
+            outcome, detail, seconds = run_tests(folder, b.tests, args.timeout)
+            caught = outcome == "failed"
+            missed += not caught
+            verdict = "caught" if caught else ("MISSED (timeout)" if outcome == "timeout" else "MISSED")
+            rows.append((b.id, b.description, verdict, detail if caught else "", f"{seconds:.0f} s"))
+            print(f"  {b.id}: {verdict} ({seconds:.0f} s)", flush=True)
+            if not args.keep:
+                shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        if args.keep:
+            print(f"copies kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    header = ("id", "description", "result", "first failing test", "time")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    print()
+    for r in [header, tuple("-" * w for w in widths)] + rows:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    print()
+    print(f"{len(chosen) - missed} of {len(chosen)} breakages caught ({time.time() - start:.0f} s)")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
