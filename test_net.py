@@ -5,11 +5,11 @@
 """
 import json
 import os
-import sys
 
 from config import default_argument_parser
 from data.build import build_data
-from engine.defaults import default_setup, load_weights
+from engine.cli import run_cli
+from engine.defaults import default_setup, evaluation_config, load_weights, require_weight
 from engine.evaluator import (MISS_TO_MODALITIES, RANK_KEYS, ReIDEvaluator, build_evaluators,
                               evaluate, export_features, format_metrics)
 from modeling.model import build_model
@@ -34,10 +34,15 @@ def missing_modality_table(rows) -> str:
 
 
 def main(argv=None) -> dict:
-    args = default_argument_parser("Evaluate a tri-modal ReID checkpoint", training=False).parse_args(argv)
-    cfg, device, logger = default_setup(args, dump_config=False)
+    args = default_argument_parser(
+        "Evaluate a tri-modal ReID checkpoint. TEST.WEIGHT (required) names it: a training "
+        "checkpoint or model_best.pth.", training=False,
+        epilog="Example:\n  python test_net.py --config_file configs/Synthetic/quickstart.yml "
+               "TEST.WEIGHT output/quickstart/model_best.pth").parse_args(argv)
+    cfg, device, logger = default_setup(args, training=False, log_name="test_log.txt")
+    require_weight(cfg)
     data = build_data(cfg, get_rank(), get_world_size())
-    model = build_model(cfg, data.num_classes, data.num_cams).to(device)
+    model = build_model(evaluation_config(cfg), data.num_classes, data.num_cams).to(device)
     load_weights(cfg, model)
     test_set = data.eval_sets["test"]
     settings = list(MISS_TO_MODALITIES) if cfg.TEST.MISS == "all" else [cfg.TEST.MISS]
@@ -63,4 +68,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

@@ -6,6 +6,7 @@ freezes. The names of registered parts (datasets, selection and fusion modules, 
 features, evaluators) are checked against their registries.
 """
 import argparse
+import difflib
 import importlib
 import importlib.util
 import os
@@ -54,27 +55,48 @@ class ConfigError(ValueError):
     """A configuration value or combination that cannot work; the message names the key."""
 
 
-def default_argument_parser(description: str = "Multi-modal ReID",
-                            training: bool = True) -> argparse.ArgumentParser:
-    """The shared CLI: ``--config_file``, the :data:`KEY_FLAGS` shortcuts and trailing KEY VALUE
-    overrides; for training also ``--resume``."""
-    parser = argparse.ArgumentParser(
+class ConfigArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose leftover words are the config overrides (``args.opts``, KEY VALUE
+    pairs), so that flags may come before, between or after them."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("usage", "%(prog)s [options] [KEY VALUE ...]")
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, rest = self.parse_known_args(args, namespace)
+        flags = [word for word in rest if word.startswith("--")]
+        if flags:
+            self.error(f"unrecognized option(s): {' '.join(flags)} (see --help)")
+        namespace.opts = rest
+        return namespace
+
+
+def default_argument_parser(description: str = "Multi-modal ReID", training: bool = True,
+                            epilog: str = "") -> ConfigArgumentParser:
+    """The shared CLI: ``--config_file``, the :data:`KEY_FLAGS` shortcuts, ``--debug`` and
+    KEY VALUE overrides; for training also ``--resume`` and ``--overwrite``."""
+    parser = ConfigArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Trailing KEY VALUE pairs override the config file, e.g.\n"
+        epilog=(epilog + "\n\n" if epilog else "") +
+        "KEY VALUE pairs override the config file (flags may come before or after them), e.g.\n"
         "  SOLVER.MAX_EPOCHS 5 MODEL.SELECTION.NAME sdtps MODEL.FUSION.NAME mean",
     )
     parser.add_argument("--config_file", default="", metavar="FILE", help="path to a yaml config")
     if training:
         parser.add_argument(
-            "--resume", action="store_true", help="continue from the last checkpoint in OUTPUT_DIR"
+            "--resume", action="store_true", help="continue the run in OUTPUT_DIR from its last checkpoint"
         )
+        parser.add_argument(
+            "--overwrite", action="store_true",
+            help="OUTPUT_DIR holds an earlier run: move it aside (to OUTPUT_DIR.old-<time>) and start anew")
     for flag, (key, text) in KEY_FLAGS.items():
         parser.add_argument(flag, type=float, default=None,
                             help=f"{text} (sets {key}; overrides the file and opts)")
-    parser.add_argument(
-        "opts", default=None, nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs"
-    )
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the full traceback here (it is always in the log)")
     return parser
 
 
@@ -179,6 +201,26 @@ def validate_cfg(cfg: CfgNode) -> None:
         raise ConfigError("DATASETS.VAL_IDS must be >= 0")
 
 
+def _all_keys(node: CfgNode, prefix: str = "") -> List[str]:
+    keys = []
+    for name, value in node.items():
+        keys += _all_keys(value, prefix + name + ".") if isinstance(value, CfgNode) else [prefix + name]
+    return keys
+
+
+def _suggest_key(key: str) -> str:
+    """"; did you mean A or B?" with the nearest valid keys, or "" (a key of the wrong case, a
+    typo, a key under the wrong node)."""
+    keys = _all_keys(get_cfg_defaults())
+    by_upper = {k.upper(): k for k in keys}
+    close = difflib.get_close_matches(key.upper(), list(by_upper), n=2, cutoff=0.75)
+    leaf = key.rsplit(".", 1)[-1].upper()
+    close += [k for k in by_upper if k.rsplit(".", 1)[-1] == leaf and k not in close][:2]
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(by_upper[k] for k in close) + "?"
+
+
 def merge_opts(cfg: CfgNode, opts: Optional[List[str]]) -> None:
     """Merge trailing KEY VALUE pairs with errors that name the offending key."""
     if not opts:
@@ -197,7 +239,7 @@ def merge_opts(cfg: CfgNode, opts: Optional[List[str]]) -> None:
         try:
             cfg.merge_from_list([key, value])
         except (KeyError, AssertionError) as exc:
-            raise ConfigError(f"unknown config key: {key}") from exc
+            raise ConfigError(f"unknown config key: {key}{_suggest_key(key)}") from exc
         except ValueError as exc:
             raise ConfigError(f"bad value for config key {key}: {exc}") from exc
 
@@ -238,7 +280,7 @@ def merge_file(cfg: CfgNode, path: str, _seen=()) -> None:
         cfg.merge_from_other_cfg(CfgNode(content))
     except (KeyError, AssertionError) as exc:
         key = str(exc.args[0]).replace("Non-existent config key: ", "")
-        raise ConfigError(f"{path}: unknown config key: {key}") from exc
+        raise ConfigError(f"{path}: unknown config key: {key}{_suggest_key(key)}") from exc
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
 

@@ -169,7 +169,11 @@ _C.DATASETS.ROOT_DIR = "./datasets"
 # Identities carved from the training set as a validation split for best-checkpoint selection.
 _C.DATASETS.VAL_IDS = 0
 
-# The synthetic tri-modal dataset, generated on first use under ROOT_DIR in RGBNT201's layout.
+# Generate the synthetic dataset under ROOT_DIR when it is absent or was generated with other
+# DATASETS.SYNTHETIC arguments. False (the default): that is an error, so that a mistyped ROOT_DIR
+# does not silently generate a new dataset there (the synthetic configs set it).
+_C.DATASETS.GENERATE = False
+# The synthetic tri-modal dataset, generated under ROOT_DIR in RGBNT201's layout.
 # Keys: the generator's arguments, upper-cased (defaults: data.synthetic.DEFAULT_ARGS).
 _C.DATASETS.SYNTHETIC = CN({key.upper(): value for key, value in _SYNTHETIC_DEFAULTS.items()})
 

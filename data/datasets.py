@@ -343,7 +343,24 @@ class Synthetic(RGBNT201):
 
     @classmethod
     def from_config(cls, cfg) -> "Synthetic":
-        return cls(cfg.DATASETS.ROOT_DIR, **cls.config_args(cfg))
+        """Load it from DATASETS.ROOT_DIR; generate it there only with DATASETS.GENERATE True."""
+        root, args = cfg.DATASETS.ROOT_DIR, cls.config_args(cfg)
+        folder = os.path.join(root, cls.folder)
+        if not cfg.DATASETS.GENERATE and not _synthetic.is_complete(folder, **args):
+            meta = _synthetic.read_meta(folder)
+            if meta is None:
+                raise DatasetLayoutError(
+                    f"Synthetic: no generated dataset in {folder} (DATASETS.ROOT_DIR {root!r}): point "
+                    "DATASETS.ROOT_DIR at the folder that holds Synthetic/, or set DATASETS.GENERATE "
+                    "True to generate it there (about 30 MB)")
+            wanted = _synthetic.synthetic_args(**args)
+            differ = {k: (v, wanted[k]) for k, v in (meta.get("args") or {}).items()
+                      if wanted.get(k) != v}
+            listed = ", ".join(f"{k.upper()} {old} (config: {new})" for k, (old, new) in differ.items())
+            raise DatasetLayoutError(
+                f"Synthetic: {folder} was generated with other arguments ({listed or 'another version'}): "
+                "set DATASETS.SYNTHETIC to match, or DATASETS.GENERATE True to regenerate it")
+        return cls(root, **args)
 
     @classmethod
     def train_size(cls, cfg) -> Tuple[int, int]:

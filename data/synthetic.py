@@ -26,11 +26,15 @@ import colorsys
 import json
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
+
+from utils.logger import get_logger
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -176,6 +180,10 @@ def ensure_synthetic(dataset_dir: str, **kwargs) -> bool:
     with _generation_lock(dataset_dir):
         if is_complete(dataset_dir, **kwargs):  # another process finished it meanwhile
             return False
+        args = synthetic_args(**kwargs)
+        get_logger().info("generating the synthetic dataset in %s (%d + %d identities x %d triplets "
+                          "of %dx%d)...", dataset_dir, args["num_train_ids"], args["num_test_ids"],
+                          args["samples_per_id"], args["height"], args["width"])
         generate_synthetic(dataset_dir, **kwargs)
     return True
 
@@ -596,12 +604,15 @@ def generate_synthetic(dataset_dir: str, **kwargs) -> None:
         (SPLIT_FOLDERS[1], range(num_train_ids + 1, num_train_ids + num_test_ids + 1)),
     )
     frames = []
+    bar = tqdm(total=num_train_ids + num_test_ids, desc=f"generating {dataset_dir}", unit="id",
+               disable=not sys.stderr.isatty(), leave=False)
     for split, pids in splits:
         out = {m: os.path.join(dataset_dir, split, m) for m in MODALITY_FOLDERS}
         mask_dir = os.path.join(dataset_dir, MASK_FOLDER, split)
         for folder in list(out.values()) + [mask_dir]:
             os.makedirs(folder, exist_ok=True)
         for pid in pids:
+            bar.update()
             ident = _draw_identity(seed, pid)
             per_cam: Dict[int, int] = {}
             for k, cam in enumerate(_camera_plan(seed, pid, samples_per_id, num_cams)):
@@ -620,6 +631,7 @@ def generate_synthetic(dataset_dir: str, **kwargs) -> None:
                 Image.fromarray(mask, "L").save(os.path.join(mask_dir, stem + ".png"))
                 frames.append({"split": split, "file": name, "pid": pid, "cam": cam + 1,
                                "fg_share": round(float(mask.mean() / 255.0), 4), **info})
+    bar.close()
     meta = {"generator": "synthetic tri-modal person re-id", "version": GENERATOR_VERSION,
             "args": args, "frames": frames}
     tmp = os.path.join(dataset_dir, META_NAME + ".tmp")

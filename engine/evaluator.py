@@ -11,15 +11,17 @@ after normalisation, as in the published protocol. Flip TTA (``TEST.FLIP``) aver
 of the image and its horizontal mirror.
 """
 import os
+import sys
 from contextlib import nullcontext
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from modeling.heads import retrieval_feature
-from utils.dist import all_gather_tensor, collective_device
+from utils.dist import all_gather_tensor, collective_device, is_main_process
 from utils.metrics import compute_distance, evaluate_rank, random_ranking_map
 from utils.registry import Registry
 
@@ -192,7 +194,9 @@ def inference_on_dataset(model, eval_set, evaluators: Sequence[DatasetEvaluator]
     for evaluator in evaluators:
         evaluator.reset()
     skipped = 0
-    for batch in eval_set.loader:
+    bar = tqdm(eval_set.loader, desc="extracting features", leave=False,
+               disable=not (is_main_process() and sys.stderr.isatty()))
+    for batch in bar:
         skipped += batch["num_skipped"]
         if "images" not in batch:
             continue

@@ -69,15 +69,18 @@ def _value(x) -> float:
 
 class PeriodicWriter(HookBase):
     """Console and TensorBoard (rank 0): every ``period`` iterations and at the end of an epoch
-    the loss and accuracy line, the losses, scalars and histograms the model returned; the time
-    of each epoch."""
+    the loss and accuracy line, the losses, scalars and histograms the model returned; after each
+    epoch its time, mean loss and accuracy, learning rate and the run's ETA."""
 
     def __init__(self, period: int):
         self.period = max(1, int(period))
-        self._epoch_start = 0.0
+        self._epoch_start = self._train_start = 0.0
+        self._epochs_done = 0
+        self._sums = [0.0, 0.0, 0]  # loss, accuracy, finite steps of the epoch
 
     def before_train(self) -> None:
         t = self.trainer
+        self._train_start, self._epochs_done = time.time(), 0
         if is_main_process() and t.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -85,14 +88,20 @@ class PeriodicWriter(HookBase):
 
     def before_epoch(self) -> None:
         self._epoch_start = time.time()
+        self._sums = [0.0, 0.0, 0]
 
     def after_step(self) -> None:
         t = self.trainer
         result = t.step_result
-        if not result["finite"] or not ((t.iter + 1) % self.period == 0 or t.iter + 1 == t.num_iters):
+        if not result["finite"]:
             return
         loss = _value(result["loss"])
         acc = _value(result["scalars"].get("acc", float("nan")))
+        self._sums[0] += loss
+        self._sums[1] += acc
+        self._sums[2] += 1
+        if not ((t.iter + 1) % self.period == 0 or t.iter + 1 == t.num_iters):
+            return
         if t.bar is not None:
             t.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
         if not is_main_process():
@@ -112,12 +121,32 @@ class PeriodicWriter(HookBase):
 
     def after_epoch(self) -> None:
         t = self.trainer
-        t.logger.info("epoch %d done in %.1f s", t.epoch + 1, time.time() - self._epoch_start)
+        self._epochs_done += 1
+        now = time.time()
+        remaining = t.cfg.SOLVER.MAX_EPOCHS - (t.epoch + 1)
+        eta = (now - self._train_start) / self._epochs_done * remaining
+        loss_sum, acc_sum, steps = self._sums
+        means = (f"mean loss {loss_sum / steps:.4f}, acc {acc_sum / steps:.3f}" if steps
+                 else "no finite step")
+        lr = max(group["lr"] for group in t.optimizer.param_groups)
+        t.logger.info("epoch %d/%d done in %.1f s: %s, lr %.2e; ETA %s", t.epoch + 1,
+                      t.cfg.SOLVER.MAX_EPOCHS, now - self._epoch_start, means, lr,
+                      format_duration(eta) if remaining else "done")
 
     def after_train(self) -> None:
         t = self.trainer
         if t.writer is not None:
             t.writer.flush()
+
+
+def format_duration(seconds: float) -> str:
+    """``1 h 02 min``, ``4 min 05 s`` or ``12 s``."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"
 
 
 class EvalHook(HookBase):

@@ -12,6 +12,7 @@ the batches already trained on, restores the RNG states and continues, so an int
 with the same weights as an uninterrupted one (bit-exact on CPU with ``SOLVER.DETERMINISTIC``).
 Checkpoints are written atomically (see ``utils.checkpoint``).
 """
+import contextlib
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from engine.evaluator import autocast_context, format_metrics
 from engine.hooks import HookBase, default_hooks
@@ -229,9 +231,19 @@ class Trainer:
         loader = self.data.train_loader
         self.num_iters = num_iters = len(loader)
         skip = self.start_iter if epoch == self.start_epoch else 0
+        show_bar = is_main_process() and sys.stderr.isatty()
         self.bar = bar = tqdm(loader, total=num_iters,
                               desc=f"epoch {epoch + 1}/{self.cfg.SOLVER.MAX_EPOCHS}",
-                              disable=not (is_main_process() and sys.stderr.isatty()), leave=False)
+                              disable=not show_bar, leave=False)
+        # in a terminal the log lines are printed above the bar, not onto it
+        with logging_redirect_tqdm([self.logger]) if show_bar else contextlib.nullcontext():
+            skipped_images = self._run_iterations(epoch, bar, skip)
+        self.bar = None
+        self._count_skipped_images(epoch, skipped_images)
+
+    def _run_iterations(self, epoch: int, bar, skip: int) -> int:
+        """The epoch's steps (the first ``skip`` batches were trained before an interruption);
+        returns the number of unreadable images skipped."""
         skipped_images = 0
         for iteration, batch in enumerate(bar):
             if iteration < skip:  # already trained on before the interruption
@@ -257,8 +269,7 @@ class Trainer:
             self.handle_nonfinite(self.step_result, epoch, iteration)
             self.global_step += 1
             self._call_hooks("after_step")
-        self.bar = None
-        self._count_skipped_images(epoch, skipped_images)
+        return skipped_images
 
     def _count_skipped_images(self, epoch: int, skipped: int) -> None:
         """Add this epoch's skipped training images (all ranks) to the run's count and log them."""
@@ -319,6 +330,6 @@ class Trainer:
                              best_test["evaluated_epochs"], best_test["epoch"],
                              format_metrics(best_test["metrics"]))
         if is_main_process():
-            with open(os.path.join(self.output_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2, default=float)
+            ckpt.atomic_write_text(json.dumps(summary, indent=2, default=float),
+                                   os.path.join(self.output_dir, "summary.json"))
         return summary

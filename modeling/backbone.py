@@ -21,6 +21,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from modeling.registry import BACKBONE_REGISTRY
+from utils.checkpoint import short_reason
 from utils.logger import get_logger
 
 
@@ -46,7 +47,13 @@ def read_weight_file(path: str) -> dict:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear error
-        raise PretrainedWeightsError(f"cannot read pretrained weights {path}: {str(exc)[:300]}") from exc
+        if "Weights only load failed" in str(exc):
+            reason = "it holds Python objects besides tensors, which are not loaded for safety"
+        else:
+            reason = short_reason(exc)
+        raise PretrainedWeightsError(
+            f"MODEL.PRETRAIN_PATH {path} is not a weights file ({reason}): give OpenAI's CLIP "
+            "ViT-B-16.pt or a torch/timm state dict of the backbone") from exc
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if key in obj and isinstance(obj[key], dict):
@@ -71,7 +78,6 @@ class ViTBackbone(nn.Module):
         super().__init__()
         # F.interpolate arguments of every position-embedding resampling
         self.resize_args = dict(interpolation=pos_embed_resize, antialias=pos_embed_resize == "bicubic")
-        logger = get_logger()
         kwargs = dict(img_size=tuple(img_size), num_classes=proj_dim, drop_path_rate=drop_path,
                       global_pool="")
         if depth > 0:
@@ -92,8 +98,6 @@ class ViTBackbone(nn.Module):
             nn.init.trunc_normal_(self.cam_embed, std=0.02)
         if pretrain_path:
             self.load_pretrained(pretrain_path)
-        else:
-            logger.info("backbone %s: no MODEL.PRETRAIN_PATH, starting from random init", name)
 
     @classmethod
     def from_config(cls, cfg, num_cams: int) -> "ViTBackbone":

@@ -15,6 +15,7 @@ import test_net
 import train_net
 from config import ConfigError, build_cfg
 from data.datasets import BadImageError, DatasetLayoutError
+from engine.defaults import RunFolderError
 
 
 def _out(opts):
@@ -99,15 +100,19 @@ def test_empty_split(tiny_opts, copied_root):
 
 # ------------------------------------------------------------------ configuration
 def test_config_wrong_type_or_unknown_key(tmp_path):
-    with pytest.raises(ConfigError, match="unknown config key: SOLVER.MAX_EPOCH$"):
+    with pytest.raises(ConfigError, match="unknown config key: SOLVER.MAX_EPOCH; did you mean "
+                                          "SOLVER.MAX_EPOCHS"):
         build_cfg("", ["SOLVER.MAX_EPOCH", "3"])
+    with pytest.raises(ConfigError, match="did you mean MODEL.SDTPS.SPARSE_RATIO"):  # wrong node
+        build_cfg("", ["SDTPS.SPARSE_RATIO", "0.5"])
     with pytest.raises(ConfigError, match="bad value for config key SOLVER.MAX_EPOCHS"):
         build_cfg("", ["SOLVER.MAX_EPOCHS", "three"])
     with pytest.raises(ConfigError, match="SOLVER.AMP = 'half' is not one of off, fp16, bf16"):
         build_cfg("", ["SOLVER.AMP", "half"])
     unknown = tmp_path / "unknown.yml"
     unknown.write_text("SOLVER:\n  MAX_EPOCH: 3\n")
-    with pytest.raises(ConfigError, match=r"unknown.yml: unknown config key: .*MAX_EPOCH"):
+    with pytest.raises(ConfigError, match=r"unknown.yml: unknown config key: .*MAX_EPOCH; did you "
+                                          r"mean SOLVER.MAX_EPOCHS"):
         build_cfg(str(unknown))
     wrong = tmp_path / "wrong.yml"
     wrong.write_text("SOLVER:\n  IMS_PER_BATCH: [64]\n")
@@ -170,8 +175,19 @@ def test_checkpoint_of_another_architecture_test_net(other_architecture_checkpoi
 
 
 def test_checkpoint_of_another_architecture_resume(other_architecture_checkpoint):
+    """--resume under another config is refused, naming the differing keys, before anything is
+    written; without the run's config.yaml (a folder holding only checkpoints) the weights'
+    mismatch is the error, and MODEL.LOAD_STRICT False resumes from the matching weights."""
     opts, path = other_architecture_checkpoint
     opts = opts + SDTPS + ["SOLVER.MAX_EPOCHS", "2"]
+    saved = os.path.join(_out(opts), "config.yaml")
+    before = open(saved).read()
+    with pytest.raises(RunFolderError, match=r"--resume: the config differs from the run's .*"
+                                             r"MODEL.BACKBONE_DEPTH: 1 in the run, 2 now.*"
+                                             r"MODEL.SELECTION.NAME: 'none' in the run, 'sdtps' now"):
+        train_net.main(["--resume"] + opts)
+    assert open(saved).read() == before
+    os.remove(saved)
     with pytest.raises(RuntimeError, match="does not match this model") as info:
         train_net.main(["--resume"] + opts)
     assert path in str(info.value) and "sdtps." in str(info.value)

@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train_net  # noqa: E402
+from engine.cli import run_cli  # noqa: E402
 from engine.hooks import HookBase  # noqa: E402
 from utils.dist import get_rank  # noqa: E402
 
@@ -46,4 +47,4 @@ def hooks_from_env():
 
 
 if __name__ == "__main__":
-    train_net.main(sys.argv[1:], hooks=hooks_from_env())
+    run_cli(lambda argv: train_net.main(argv, hooks=hooks_from_env()))

@@ -21,9 +21,10 @@ from typing import Dict, List, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.cli import run_cli  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from config import build_cfg  # noqa: E402
+from config import ConfigArgumentParser, build_cfg  # noqa: E402
 from solver.build import build_optimizer, build_scheduler, set_epoch_lr  # noqa: E402
 from data.datasets import dataset_class  # noqa: E402
 from modeling.model_size import build_on_meta  # noqa: E402
@@ -97,10 +98,9 @@ def plot(curves: Dict[str, Sequence[float]], labels: Dict[str, str], title: str,
 
 
 def main(argv=None) -> List[Tuple]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ConfigArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config_file", required=True, metavar="FILE")
     parser.add_argument("--plot", default="", metavar="PNG", help="also draw the curves to this PNG")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
     args = parser.parse_args(argv)
     cfg = build_cfg(args.config_file, args.opts)
     rows = schedule_rows(cfg)
@@ -121,4 +121,4 @@ def main(argv=None) -> List[Tuple]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -12,19 +12,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import build_cfg  # noqa: E402
+from engine.cli import run_cli  # noqa: E402
+from config import ConfigArgumentParser, build_cfg  # noqa: E402
 from utils.logger import setup_logger  # noqa: E402
 from data.datasets import dataset_class  # noqa: E402
 from modeling.model_size import build_on_meta, count_flops, count_parameters, module_parameters  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ConfigArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config_file", required=True)
     parser.add_argument("--num_classes", type=int, default=None,
                         help="training identities (default: the dataset's published count)")
     parser.add_argument("--num_cams", type=int, default=None, help="cameras (default: the dataset's)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
     args = parser.parse_args(argv)
     setup_logger()
     cfg = build_cfg(args.config_file, args.opts)
@@ -47,4 +47,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -23,6 +23,7 @@ from typing import Dict, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.cli import run_cli  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from utils.visualization import (BLACK, LIGHT_GRAY, WHITE, categorical_color, draw_text,  # noqa: E402
@@ -255,4 +256,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

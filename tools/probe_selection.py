@@ -32,10 +32,11 @@ from typing import Dict, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.cli import run_cli  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from config import build_cfg  # noqa: E402
+from config import ConfigArgumentParser, build_cfg  # noqa: E402
 from engine.defaults import load_trained  # noqa: E402
 from engine.evaluator import DatasetEvaluator, inference_on_dataset, patch_foreground  # noqa: E402
 from modeling.sdtps import MODALITIES, num_kept  # noqa: E402
@@ -192,15 +193,13 @@ def ratio_list(text: str) -> List[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ConfigArgumentParser(description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config_file", default="", metavar="FILE", help="path to a yaml config")
     parser.add_argument("--ratios", type=ratio_list, default=[0.3, 0.5, 0.7], metavar="R1,R2,...",
                         help="comma-separated keep ratios to evaluate, each in (0, 1] "
                              "(default 0.3,0.5,0.7)")
     parser.add_argument("--output", default="", metavar="FILE.md", help="also write the table here")
-    parser.add_argument("opts", nargs=argparse.REMAINDER,
-                        help="config overrides: KEY VALUE pairs (TEST.WEIGHT is required)")
     return parser
 
 
@@ -221,4 +220,4 @@ def main(argv=None) -> Dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -26,12 +26,13 @@ from typing import Dict, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.cli import run_cli  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from config import build_cfg  # noqa: E402
+from config import ConfigArgumentParser, build_cfg  # noqa: E402
 from data.datasets import BadImageError, read_triplet  # noqa: E402
 from engine.defaults import load_trained  # noqa: E402
 from engine.evaluator import ReIDEvaluator, evaluate, split_query_gallery  # noqa: E402
@@ -151,8 +152,8 @@ def draw_rank_grid(rows: List[Dict], samples, image_size: Sequence[int], topk: i
 # Command line
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ConfigArgumentParser(description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config_file", default="", metavar="FILE", help="path to a yaml config")
     parser.add_argument("--num_queries", type=int, default=8, help="rows (queries) to draw")
     parser.add_argument("--topk", type=int, default=10, help="gallery items per row")
@@ -163,8 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_height", type=int, default=128,
                         help="display height (px) of each modality image; the width keeps "
                              "INPUT.SIZE_TEST's aspect ratio")
-    parser.add_argument("opts", nargs=argparse.REMAINDER,
-                        help="config overrides: KEY VALUE pairs (TEST.WEIGHT is required)")
     return parser
 
 
@@ -248,4 +247,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

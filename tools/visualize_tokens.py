@@ -30,11 +30,12 @@ from typing import List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.cli import run_cli  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from config import build_cfg  # noqa: E402
+from config import ConfigArgumentParser, build_cfg  # noqa: E402
 from engine.defaults import load_trained  # noqa: E402
 from data.build import collate_skipping  # noqa: E402
 from data.datasets import read_triplet  # noqa: E402
@@ -134,8 +135,8 @@ def pick_indices(num_samples: int, total: int, indices: Optional[List[int]]) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ConfigArgumentParser(description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config_file", default="", metavar="FILE", help="path to a yaml config")
     parser.add_argument("--num_samples", type=int, default=6,
                         help="test samples (rows), spread evenly over the test list")
@@ -150,8 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="draw the person mask outline (datasets with masks: Synthetic)")
     parser.add_argument("--scores", action="store_true",
                         help="add each modality's SDTPS score heat map next to its image")
-    parser.add_argument("opts", nargs=argparse.REMAINDER,
-                        help="config overrides: KEY VALUE pairs (TEST.WEIGHT is required)")
     return parser
 
 
@@ -253,7 +252,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SDTPSDisabledError as exc:
-        sys.exit(f"error: {exc}")
+    run_cli(main)

@@ -10,6 +10,7 @@ checked on every load: a file that is complete as a zip archive but damaged insi
 copy that filled blocks with zeros) is refused instead of silently loading wrong weights. A
 truncated file already fails to load (its zip directory, written last, is missing).
 """
+import errno
 import glob
 import os
 import re
@@ -65,25 +66,50 @@ def with_checksum(state: dict) -> dict:
     return {**state, CHECKSUM_KEY: state_checksum(state)}
 
 
+class WriteError(OSError):
+    """A file of the run could not be written (disk full, no permission); nothing partial is left."""
+
+
+def _write_failure(path: str, exc: BaseException) -> WriteError:
+    """A WriteError naming ``path`` and the cause (disk full is found anywhere in the chain)."""
+    cause, reason = exc, None
+    while cause is not None and reason is None:
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            reason = "no space left on device"
+        cause = cause.__cause__ or cause.__context__
+    if reason is None:
+        reason = getattr(exc, "strerror", None) or short_reason(exc)
+    return WriteError(f"cannot write {path}: {reason} (OUTPUT_DIR {os.path.dirname(path)}); "
+                      "the files written before are intact. Free space or choose another "
+                      "OUTPUT_DIR, then continue with --resume")
+
+
+def _atomic_write(path: str, write) -> None:
+    """``write(file)`` into ``path.tmp``, fsync, then os.replace; on failure the temporary file is
+    removed and a :class:`WriteError` raised."""
+    tmp = path + ".tmp"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as exc:  # noqa: BLE001 - torch's zip writer reports a full disk as RuntimeError
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise _write_failure(path, exc) from exc
+
+
 def atomic_torch_save(obj, path: str) -> None:
     """torch.save ``obj`` to ``path`` via a temporary file + fsync + os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def epoch_checkpoints(output_dir: str):
@@ -107,6 +133,12 @@ def save_epoch_checkpoint(state: dict, output_dir: str, epoch: int, keep_last: i
     return path
 
 
+def short_reason(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, shortened (loaders' messages run long)."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_checkpoint_file(path: str, map_location="cpu") -> dict:
     """Load a checkpoint; a missing file is a FileNotFoundError naming the path, an unreadable or
     damaged one (checksum mismatch) a RuntimeError naming it."""
@@ -115,7 +147,8 @@ def load_checkpoint_file(path: str, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # torn or foreign file
-        raise RuntimeError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise RuntimeError(f"{path} is not a checkpoint torch can read ({short_reason(exc)}): name a "
+                           "checkpoint_epoch<N>.pth or model_best.pth written by train_net.py") from exc
     if isinstance(state, dict) and CHECKSUM_KEY in state:
         actual = state_checksum(state)
         if actual != state[CHECKSUM_KEY]:
