@@ -183,6 +183,19 @@ def test_deleting_a_summary_reruns_only_that_run(grid_run, capsys):
     assert [a["resume"] for a in stamp["attempts"]] == [False, True]
 
 
+def test_an_attempt_that_left_no_checkpoint_is_run_again(tmp_path, synthetic_root, capsys):
+    """A run whose earlier attempt failed before its first checkpoint (its folder holds a log
+    only) trains from scratch (catches train_net.py refusing the occupied folder)."""
+    grid = write_grid(tmp_path / "g.yml", [{"name": "base"}], tiny_grid_opts(synthetic_root)
+                      + ["SOLVER.MAX_EPOCHS", 1], seeds=(1,))
+    folder = tmp_path / "out" / "base" / "seed1"
+    folder.mkdir(parents=True)
+    (folder / "log.txt").write_text("an attempt that died while loading the data\n")
+    assert ablate.main(["--grid", grid, "--output", str(tmp_path / "out")]) == 0
+    assert (folder / "summary.json").is_file()
+    assert "starting from scratch" in read(folder / "log.txt")
+
+
 # ------------------------------------------------------------------------------ no training
 def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path, synthetic_root, capsys):
     grid = write_grid(tmp_path / "g.yml", ROWS, tiny_grid_opts(synthetic_root), seeds=(1, 2))

@@ -82,6 +82,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from config import KEY_FLAGS, ConfigError, build_cfg  # noqa: E402
+from engine.defaults import run_files  # noqa: E402
 
 TRAIN_NET = os.path.join(ROOT, "train_net.py")
 METRICS = ("mAP", "R1", "R5", "R10", "mINP")
@@ -417,8 +418,12 @@ class _Forward:
 
 
 def execute(run: Run, say: Console, forward: _Forward, verbose: bool) -> int:
-    """Train one run in a subprocess, streaming its output to <run>/stdout.log; returns rc."""
-    resume = run.state == "resume"
+    """Train one run in a subprocess, streaming its output to <run>/stdout.log; returns rc.
+
+    A folder that an earlier attempt of the same config left without a checkpoint is continued
+    with --resume too (train_net.py refuses a new run into a folder that holds one; with no
+    checkpoint it starts from scratch)."""
+    resume = run.state == "resume" or (run.state == "new" and bool(run_files(run.folder)))
     if run.state == "stale":
         aside = f"{run.folder}.stale-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         os.rename(run.folder, aside)
