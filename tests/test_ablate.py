@@ -196,6 +196,54 @@ def test_an_attempt_that_left_no_checkpoint_is_run_again(tmp_path, synthetic_roo
     assert "starting from scratch" in read(folder / "log.txt")
 
 
+def _metric_rows(output):
+    keep = [k for k in read_csv(os.path.join(output, "results.csv"))["base"] if k.startswith("last_")]
+    return {row: {k: line[k] for k in keep} for row, line in read_csv(os.path.join(output, "results.csv")).items()}
+
+
+def _attempt_window(folder):
+    attempt = load_json(os.path.join(folder, "ablate_run.json"))["attempts"][-1]
+    return attempt["start"], attempt["end"]
+
+
+@pytest.mark.parametrize("launcher", ["local", "slurm"])
+def test_parallel_and_slurm_launchers_give_the_sequential_table(grid_run, tmp_path, monkeypatch,
+                                                                launcher, capsys):
+    """--max-parallel 2 runs the grid two at a time (the attempts overlap), and the Slurm launcher
+    (submitit's local executor) submits every run as a job; both give the sequential run's table
+    to every digit (catches a launcher that mixes up folders, seeds or opts)."""
+    grid, output, runs = grid_run
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as the sequential grid ran
+    out = tmp_path / launcher
+    extra = ["--max-parallel", "2"]
+    if launcher == "slurm":
+        extra += ["--launcher", "slurm", "--submitit-cluster", "local", "--time-min", "10",
+                  "--cpus-per-run", "1"]
+    capsys.readouterr()
+    assert ablate.main(["--grid", grid, "--output", str(out)] + extra) == 0
+    log = capsys.readouterr().out
+    assert _metric_rows(str(out)) == _metric_rows(output)
+    folders = [os.path.join(out, r["name"], f"seed{s}") for r in ROWS for s in (1, 2)]
+    if launcher == "local":
+        windows = sorted(_attempt_window(f) for f in folders)
+        assert windows[1][0] < windows[0][1]  # the second run started before the first ended
+        assert log.count("(OMP_NUM_THREADS=") == 4
+    else:
+        assert "submitted 4 job(s) (local)" in log
+        jobs = [d for d in os.listdir(out / "slurm") if d.isdigit()]
+        assert len(jobs) == 4  # one submitit folder per job (named by its id)
+
+
+def test_collect_builds_the_table_without_running(grid_run, capsys):
+    grid, output, runs = grid_run
+    watched = [os.path.join(r, n) for r in runs.values() for n in ("summary.json", "log.txt")]
+    before = mtimes(watched)
+    table = read(os.path.join(output, "results.csv"))
+    os.remove(os.path.join(output, "results.csv"))
+    assert ablate.main(["--grid", grid, "--output", output, "--collect"]) == 0
+    assert mtimes(watched) == before and read(os.path.join(output, "results.csv")) == table
+
+
 # ------------------------------------------------------------------------------ no training
 def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path, synthetic_root, capsys):
     grid = write_grid(tmp_path / "g.yml", ROWS, tiny_grid_opts(synthetic_root), seeds=(1, 2))

@@ -2,6 +2,10 @@
 
     python tools/ablate.py --grid configs/ablations/modules_Synthetic.yml
     python tools/ablate.py --grid G.yml --output DIR --seeds 1 2 3 --dry_run
+    python tools/ablate.py --grid G.yml --max-parallel 8 --gpus-per-run 1      # one run per GPU
+    python tools/ablate.py --grid G.yml --launcher slurm --partition gpu --gpus-per-run 1 \
+        --max-parallel 16 --time-min 600                                       # a Slurm array
+    python tools/ablate.py --grid G.yml --collect       # only the table, from the run folders
 
 A grid file (yaml) names a base config, common overrides, the rows and the seeds::
 
@@ -33,8 +37,16 @@ hash of the run's resolved config (all keys except OUTPUT_DIR). Re-running the s
 * folders whose config no longer matches (the grid, base file or defaults changed) are moved
   aside to ``<run>.stale-<time>`` (never deleted) and trained again; the changed keys are logged.
 
-So an interrupted grid resumes where it stopped. SIGTERM is forwarded to the running training
-(which checkpoints and exits); rerun the same command to continue.
+So an interrupted grid resumes where it stopped. SIGTERM is forwarded to the running trainings
+(each checkpoints and exits); rerun the same command to continue.
+
+Launchers: ``local`` (default) trains here, ``--max-parallel N`` runs at a time, each pinned to its
+own ``--gpus-per-run G`` GPUs (``CUDA_VISIBLE_DEVICES``) or, with G = 0, sharing the CPU (each
+with cores / N threads). ``slurm`` submits the unfinished runs as one job array through submitit
+(``--partition``, ``--time-min``, ``--cpus-per-run``, ``--gpus-per-run``; ``--max-parallel`` is the
+array's parallelism), waits for them and writes the same table; the job logs go to
+``<output>/slurm/``. The skip / resume / stale rules are the same for both, and ``--collect``
+writes the table of a grid whose runs went elsewhere.
 
 Results go to ``<output>/results.csv`` and ``<output>/results.md``, one line per row:
 
@@ -58,6 +70,7 @@ percent with 2 decimals, the command line that produced it and the date. ``--dry
 the grid and prints what would run (and the commands) without touching anything.
 """
 import argparse
+import concurrent.futures
 import contextlib
 import csv
 import datetime
@@ -66,14 +79,16 @@ import hashlib
 import json
 import math
 import os
+import queue
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import yaml
 
@@ -376,13 +391,15 @@ class Console:
 
     def __init__(self, log_path: Optional[str]):
         self.log_path = log_path
+        self._lock = threading.Lock()  # parallel runs report from their threads
 
     def __call__(self, message: str) -> None:
         line = f"[{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] {message}"
-        print(line, flush=True)
-        if self.log_path:
-            with open(self.log_path, "a") as f:
-                f.write(line + "\n")
+        with self._lock:
+            print(line, flush=True)
+            if self.log_path:
+                with open(self.log_path, "a") as f:
+                    f.write(line + "\n")
 
 
 def write_stamp(run: Run, attempt: dict) -> None:
@@ -405,20 +422,33 @@ def write_stamp(run: Run, attempt: dict) -> None:
 
 
 class _Forward:
-    """While a training runs, forward SIGTERM to it (it checkpoints and exits) and stop the grid."""
+    """While trainings run, forward SIGTERM to them (each checkpoints and exits) and stop the grid."""
 
     def __init__(self):
-        self.proc: Optional[subprocess.Popen] = None
+        self.procs = set()
         self.stop = False
+        self._lock = threading.Lock()
 
     def handler(self, signum, frame):  # noqa: ARG002 - signal handler signature
         self.stop = True
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        with self._lock:
+            for proc in list(self.procs):
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+
+    def add(self, proc) -> None:
+        with self._lock:
+            self.procs.add(proc)
+            if self.stop:  # SIGTERM arrived while the process was starting
+                proc.send_signal(signal.SIGTERM)
+
+    def remove(self, proc) -> None:
+        with self._lock:
+            self.procs.discard(proc)
 
 
-def execute(run: Run, say: Console, forward: _Forward, verbose: bool) -> int:
-    """Train one run in a subprocess, streaming its output to <run>/stdout.log; returns rc.
+def prepare(run: Run, say: "Console") -> Tuple[List[str], dict]:
+    """Before a run starts: move a stale folder aside, stamp the folder; returns (command, attempt).
 
     A folder that an earlier attempt of the same config left without a checkpoint is continued
     with --resume too (train_net.py refuses a new run into a folder that holds one; with no
@@ -430,41 +460,85 @@ def execute(run: Run, say: Console, forward: _Forward, verbose: bool) -> int:
         say(f"{run.label}: config changed ({run.detail}); old folder moved to {aside}")
     os.makedirs(run.folder, exist_ok=True)
     cmd = run.command(resume)
-    start = time.time()
     attempt = {"start": datetime.datetime.now().isoformat(timespec="seconds"), "resume": resume,
                "command": shlex.join(cmd)}
     write_stamp(run, attempt)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    rc = None
-    with open(os.path.join(run.folder, RUN_LOG), "a", buffering=1) as log:
-        log.write(f"\n===== {attempt['start']} tools/ablate.py: {shlex.join(cmd)}\n")
+    return cmd, attempt
+
+
+def run_command(cmd: List[str], folder: str, env: Optional[Dict[str, str]] = None,
+                verbose: bool = False, forward: Optional[_Forward] = None,
+                cwd: Optional[str] = None) -> int:
+    """Run one training command (in ``cwd``, default the current folder), appending its output
+    to <folder>/stdout.log; returns its exit status. Top-level (picklable): it is also what a
+    Slurm job executes."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    with open(os.path.join(folder, RUN_LOG), "a", buffering=1) as log:
+        log.write(f"\n===== {datetime.datetime.now():%Y-%m-%dT%H:%M:%S} tools/ablate.py: "
+                  f"{shlex.join(cmd)}\n")
         log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                text=True, errors="replace", cwd=cwd)
+        if forward is not None:
+            forward.add(proc)
         try:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                    text=True, errors="replace")
-            forward.proc = proc
-            if forward.stop:  # SIGTERM arrived while the process was starting
-                proc.send_signal(signal.SIGTERM)
-            try:
-                for line in proc.stdout:
-                    log.write(line)
-                    if verbose:
-                        sys.stdout.write(line)
-                rc = proc.wait()
-            except KeyboardInterrupt:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)  # the trainer checkpoints and exits
-                    try:
-                        proc.wait(timeout=120)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                raise
+            for line in proc.stdout:
+                log.write(line)
+                if verbose:
+                    sys.stdout.write(line)
+            return proc.wait()
+        except KeyboardInterrupt:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # the trainer checkpoints and exits
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            raise
         finally:
-            forward.proc = None
-            attempt.update(end=datetime.datetime.now().isoformat(timespec="seconds"),
-                           wall_seconds=round(time.time() - start, 1), rc=rc)
-            write_stamp(run, attempt)
+            if forward is not None:
+                forward.remove(proc)
+
+
+def finish_attempt(run: Run, attempt: dict, rc: Optional[int], seconds: float) -> None:
+    attempt.update(end=datetime.datetime.now().isoformat(timespec="seconds"),
+                   wall_seconds=round(seconds, 1), rc=rc)
+    write_stamp(run, attempt)
+
+
+def execute(run: Run, say: "Console", forward: _Forward, verbose: bool,
+            env: Optional[Dict[str, str]] = None) -> int:
+    """Train one run in a subprocess here (stdout to <run>/stdout.log); returns its exit status."""
+    cmd, attempt = prepare(run, say)
+    start, rc = time.time(), None
+    try:
+        rc = run_command(cmd, run.folder, env, verbose, forward)
+    finally:
+        finish_attempt(run, attempt, rc, time.time() - start)
     return rc
+
+
+def run_envs(max_parallel: int, gpus_per_run: int) -> List[Dict[str, str]]:
+    """One environment per concurrent slot: its own GPUs (CUDA_VISIBLE_DEVICES) with
+    ``gpus_per_run``, else a share of the CPU threads."""
+    if gpus_per_run > 0:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            gpus = [g for g in visible.split(",") if g.strip()]
+        else:
+            import torch
+
+            gpus = [str(i) for i in range(torch.cuda.device_count())]
+        need = max_parallel * gpus_per_run
+        if len(gpus) < need:
+            raise GridError(f"--max-parallel {max_parallel} x --gpus-per-run {gpus_per_run} needs "
+                            f"{need} GPUs; {len(gpus)} visible ({','.join(gpus) or 'none'})")
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * gpus_per_run:(i + 1) * gpus_per_run])}
+                for i in range(max_parallel)]
+    if max_parallel == 1:
+        return [{}]
+    threads = str(max(1, (os.cpu_count() or 1) // max_parallel))
+    return [{"OMP_NUM_THREADS": threads} for _ in range(max_parallel)]
 
 
 def _tail(path: str, lines: int = 15) -> str:
@@ -688,8 +762,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dry_run", action="store_true",
                         help="validate the grid, print each run's state and command; run nothing")
     parser.add_argument("--verbose", action="store_true",
-                        help="also stream the training output to the terminal")
-    return parser.parse_args(argv)
+                        help="also stream the training output to the terminal (sequential runs)")
+    parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                        help="local: train here; slurm: submit each run as a Slurm job (submitit)")
+    parser.add_argument("--max-parallel", type=int, default=1, metavar="N",
+                        help="runs at the same time (local: concurrent processes; slurm: the "
+                             "array's parallelism)")
+    parser.add_argument("--gpus-per-run", type=int, default=0, metavar="G",
+                        help="GPUs of each run (local: disjoint CUDA_VISIBLE_DEVICES sets; 0: "
+                             "the runs share the CPU threads / devices)")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: build results.csv / results.md from the run folders "
+                             "(a grid that ran elsewhere)")
+    slurm = parser.add_argument_group("slurm (--launcher slurm)")
+    slurm.add_argument("--partition", default="", help="Slurm partition")
+    slurm.add_argument("--time-min", type=int, default=24 * 60, metavar="MIN",
+                       help="time limit of each job in minutes (default 1440)")
+    slurm.add_argument("--cpus-per-run", type=int, default=8, metavar="C")
+    slurm.add_argument("--submitit-cluster", default=None, choices=("slurm", "local", "debug"),
+                       help="submitit's executor (default: Slurm when sbatch is available; "
+                            "local runs the jobs as local processes, for testing)")
+    args = parser.parse_args(argv)
+    if args.max_parallel < 1:
+        parser.error("--max-parallel must be at least 1")
+    if args.gpus_per_run < 0:
+        parser.error("--gpus-per-run must be >= 0")
+    return args
 
 
 @contextlib.contextmanager
@@ -737,39 +835,23 @@ def main(argv=None) -> int:
 
     os.makedirs(output, exist_ok=True)
     say = Console(os.path.join(output, "ablate.log"))
-    failed = []
+    failed: List[Run] = []
     forward = _Forward()
     try:
         with grid_lock(output):
             say(f"command: {command}")
             say(summary_line)
-            previous = signal.signal(signal.SIGTERM, forward.handler)
-            try:
-                for i, run in enumerate(runs, 1):
-                    tag = f"[{i}/{len(runs)}] {run.label}"
-                    if forward.stop:
-                        break
-                    if run.state == "finished":
-                        say(f"{tag}: skipped (finished: {run.folder}/summary.json, config matches)")
-                        continue
-                    say(f"{tag}: {'resuming' if run.state == 'resume' else 'training'} -> {run.folder}")
-                    start = time.time()
-                    rc = execute(run, say, forward, args.verbose)
-                    summary = _read_json(os.path.join(run.folder, "summary.json"))
-                    if summary and summary.get("last"):
-                        test = summary["last"]["results"]["test"]
-                        say(f"{tag}: done in {time.time() - start:.0f} s (rc {rc}); last epoch test "
-                            f"mAP {test['mAP'] * 100:.2f} R1 {test['R1'] * 100:.2f}")
-                    elif forward.stop:
-                        say(f"{tag}: stopped by SIGTERM (rc {rc}); it resumes from its checkpoint "
-                            f"when the same command is run again")
+            if args.collect:
+                say("--collect: nothing is run; the table is built from the run folders")
+            else:
+                previous = signal.signal(signal.SIGTERM, forward.handler)
+                try:
+                    if args.launcher == "slurm":
+                        failed = launch_slurm(runs, say, args, output, grid.name)
                     else:
-                        failed.append(run)
-                        say(f"{tag}: FAILED (rc {rc}) after {time.time() - start:.0f} s; log "
-                            f"{os.path.join(run.folder, RUN_LOG)}:\n"
-                            + _tail(os.path.join(run.folder, RUN_LOG)))
-            finally:
-                signal.signal(signal.SIGTERM, previous)
+                        failed = launch_local(runs, say, forward, args)
+                finally:
+                    signal.signal(signal.SIGTERM, previous)
             table = aggregate(grid, runs)
             write_results(grid, table, output, command)
             say(f"results: {os.path.join(output, 'results.csv')}, {os.path.join(output, 'results.md')}")
@@ -787,6 +869,112 @@ def main(argv=None) -> int:
             f"(rerun the same command to retry them)")
         return 1
     return 0
+
+
+def _report(tag: str, run: Run, rc: Optional[int], seconds: float, say: Console,
+            stopped: bool) -> bool:
+    """Log how a run ended; True when it failed."""
+    summary = _read_json(os.path.join(run.folder, "summary.json"))
+    if summary and summary.get("last"):
+        test = summary["last"]["results"]["test"]
+        say(f"{tag}: done in {seconds:.0f} s (rc {rc}); last epoch test "
+            f"mAP {test['mAP'] * 100:.2f} R1 {test['R1'] * 100:.2f}")
+        return False
+    if stopped:
+        say(f"{tag}: stopped by SIGTERM (rc {rc}); it resumes from its checkpoint when the same "
+            f"command is run again")
+        return False
+    say(f"{tag}: FAILED (rc {rc}) after {seconds:.0f} s; log {os.path.join(run.folder, RUN_LOG)}:\n"
+        + _tail(os.path.join(run.folder, RUN_LOG)))
+    return True
+
+
+def launch_local(runs: List[Run], say: Console, forward: _Forward, args) -> List[Run]:
+    """Run the unfinished runs here, ``--max-parallel`` at a time (each with its own GPUs with
+    ``--gpus-per-run``, else a share of the CPU threads); returns the failed ones."""
+    todo = [(i, run) for i, run in enumerate(runs, 1) if run.state != "finished"]
+    for i, run in enumerate(runs, 1):
+        if run.state == "finished":
+            say(f"[{i}/{len(runs)}] {run.label}: skipped (finished: {run.folder}/summary.json, "
+                "config matches)")
+    slots = queue.Queue()
+    for env in run_envs(args.max_parallel, args.gpus_per_run):
+        slots.put(env)
+    failed: List[Run] = []
+
+    def one(i: int, run: Run) -> None:
+        tag = f"[{i}/{len(runs)}] {run.label}"
+        if forward.stop:
+            return
+        env = slots.get()
+        try:
+            where = f" ({', '.join(f'{k}={v}' for k, v in env.items())})" if env else ""
+            say(f"{tag}: {'resuming' if run.state == 'resume' else 'training'} -> {run.folder}{where}")
+            start = time.time()
+            rc = execute(run, say, forward, args.verbose and args.max_parallel == 1, env)
+            if _report(tag, run, rc, time.time() - start, say, forward.stop):
+                failed.append(run)
+        finally:
+            slots.put(env)
+
+    if args.max_parallel == 1:
+        for i, run in todo:
+            one(i, run)
+        return failed
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.max_parallel) as pool:
+        futures = [pool.submit(one, i, run) for i, run in todo]
+        try:
+            for future in futures:
+                future.result()
+        except KeyboardInterrupt:
+            forward.handler(signal.SIGTERM, None)  # every running training checkpoints and exits
+            raise
+    return failed
+
+
+def launch_slurm(runs: List[Run], say: Console, args, output: str, name: str) -> List[Run]:
+    """Submit the unfinished runs as one Slurm array through submitit (each job runs its
+    train_net.py command on its node), wait for them, return the failed ones. Logs and pickles of
+    the jobs go to <output>/slurm/."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=os.path.join(output, "slurm", "%j"),
+                                     cluster=args.submitit_cluster)
+    params = dict(timeout_min=args.time_min, gpus_per_node=args.gpus_per_run,
+                  cpus_per_task=args.cpus_per_run, name=f"ablate-{name}",
+                  slurm_array_parallelism=args.max_parallel)
+    if args.partition:
+        params["slurm_partition"] = args.partition
+    executor.update_parameters(**params)
+    pending, attempts = [], []
+    for i, run in enumerate(runs, 1):
+        if run.state == "finished":
+            say(f"[{i}/{len(runs)}] {run.label}: skipped (finished: {run.folder}/summary.json, "
+                "config matches)")
+            continue
+        cmd, attempt = prepare(run, say)
+        pending.append((i, run, cmd))
+        attempts.append(attempt)
+    if not pending:
+        return []
+    with executor.batch():
+        jobs = [executor.submit(run_command, cmd, run.folder, None, False, None, os.getcwd())
+                for _, run, cmd in pending]
+    say(f"submitted {len(jobs)} job(s) ({executor.cluster}): "
+        + ", ".join(f"{run.label}={job.job_id}" for (_, run, _), job in zip(pending, jobs)))
+    failed: List[Run] = []
+    start = time.time()
+    for (i, run, _), job, attempt in zip(pending, jobs, attempts):
+        tag = f"[{i}/{len(runs)}] {run.label} (job {job.job_id})"
+        try:
+            rc = job.result()
+        except Exception as exc:  # noqa: BLE001 - a failed or cancelled job: reported, grid goes on
+            say(f"{tag}: job failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}")
+            rc = None
+        finish_attempt(run, attempt, rc, time.time() - start)
+        if _report(tag, run, rc, time.time() - start, say, False):
+            failed.append(run)
+    return failed
 
 
 if __name__ == "__main__":
