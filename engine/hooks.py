@@ -67,6 +67,10 @@ def _value(x) -> float:
     return float(x.detach().float()) if isinstance(x, torch.Tensor) else float(x)
 
 
+def _detached(x):
+    return x.detach().float() if isinstance(x, torch.Tensor) else float(x)
+
+
 class PeriodicWriter(HookBase):
     """Console and TensorBoard (rank 0): every ``period`` iterations and at the end of an epoch
     the loss and accuracy line, the losses, scalars and histograms the model returned; after each
@@ -76,7 +80,7 @@ class PeriodicWriter(HookBase):
         self.period = max(1, int(period))
         self._epoch_start = self._train_start = 0.0
         self._epochs_done = 0
-        self._sums = [0.0, 0.0, 0]  # loss, accuracy, finite steps of the epoch
+        self._sums = [0.0, 0.0, 0]  # loss, accuracy (device tensors: no sync per step), steps
 
     def before_train(self) -> None:
         t = self.trainer
@@ -95,13 +99,13 @@ class PeriodicWriter(HookBase):
         result = t.step_result
         if not result["finite"]:
             return
-        loss = _value(result["loss"])
-        acc = _value(result["scalars"].get("acc", float("nan")))
-        self._sums[0] += loss
-        self._sums[1] += acc
+        self._sums[0] = self._sums[0] + result["loss"].detach().float()
+        self._sums[1] = self._sums[1] + _detached(result["scalars"].get("acc", float("nan")))
         self._sums[2] += 1
         if not ((t.iter + 1) % self.period == 0 or t.iter + 1 == t.num_iters):
             return
+        loss = _value(result["loss"])
+        acc = _value(result["scalars"].get("acc", float("nan")))
         if t.bar is not None:
             t.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
         if not is_main_process():
@@ -126,8 +130,8 @@ class PeriodicWriter(HookBase):
         remaining = t.cfg.SOLVER.MAX_EPOCHS - (t.epoch + 1)
         eta = (now - self._train_start) / self._epochs_done * remaining
         loss_sum, acc_sum, steps = self._sums
-        means = (f"mean loss {loss_sum / steps:.4f}, acc {acc_sum / steps:.3f}" if steps
-                 else "no finite step")
+        means = (f"mean loss {_value(loss_sum) / steps:.4f}, acc {_value(acc_sum) / steps:.3f}"
+                 if steps else "no finite step")
         lr = max(group["lr"] for group in t.optimizer.param_groups)
         t.logger.info("epoch %d/%d done in %.1f s: %s, lr %.2e; ETA %s", t.epoch + 1,
                       t.cfg.SOLVER.MAX_EPOCHS, now - self._epoch_start, means, lr,

@@ -63,3 +63,21 @@ def test_test_net_without_weight_fails_clearly(tiny_opts):
         test_net.main(list(tiny_opts))
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         test_net.main(list(tiny_opts) + ["TEST.WEIGHT", "nope.pth"])
+
+
+def test_epoch_line_gives_the_mean_loss_lr_and_eta(tiny_opts):
+    """After each epoch: the mean of that epoch's step losses (LOG_PERIOD 1 logs every step), the
+    accuracy, the learning rate and the run's ETA (catches the last step's loss reported as the
+    mean, or a mean over the whole run)."""
+    import re
+
+    train_net.main(list(tiny_opts))
+    log = open(os.path.join(tiny_opts[tiny_opts.index("OUTPUT_DIR") + 1], "log.txt")).read()
+    for epoch in (1, 2):
+        steps = [float(x) for x in re.findall(rf"epoch {epoch} iter \d+/\d+  loss ([\d.]+)", log)]
+        line = re.search(rf"epoch {epoch}/2 done in [\d.]+ s: mean loss ([\d.]+), acc ([\d.]+), "
+                         rf"lr ([\d.e+-]+); ETA (.*)", log)
+        assert line and steps
+        assert abs(float(line.group(1)) - sum(steps) / len(steps)) < 1e-3
+        eta = line.group(4).strip()
+        assert eta == "done" if epoch == 2 else re.fullmatch(r"\d+ s|\d+ min \d\d s", eta), eta
