@@ -43,7 +43,7 @@ REMOVED_KEYS = {
     "MODEL.SDTPS.LOSS_WEIGHT": "MODEL.FUSION.LOSS_WEIGHT",
 }
 
-# Command-line shortcuts (train_net.py, test_net.py and the tools): flag -> (config key, help). They override the file and
+# Command-line shortcuts of train_net.py: flag -> (config key, help). They override the file and
 # the KEY VALUE pairs.
 KEY_FLAGS = {
     "--init_scale": ("MODEL.SDTPS.GATE_INIT_SCALE", "initial per-head scale of the SDTPS cosine gate"),
@@ -75,8 +75,8 @@ class ConfigArgumentParser(argparse.ArgumentParser):
 
 def default_argument_parser(description: str = "Multi-modal ReID", training: bool = True,
                             epilog: str = "") -> ConfigArgumentParser:
-    """The shared CLI: ``--config_file``, the :data:`KEY_FLAGS` shortcuts, ``--debug`` and
-    KEY VALUE overrides; for training also ``--resume`` and ``--overwrite``."""
+    """The shared CLI: ``--config_file``, ``--debug`` and KEY VALUE overrides; for training also
+    ``--resume``, ``--overwrite`` and the :data:`KEY_FLAGS` shortcuts."""
     parser = ConfigArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -92,9 +92,9 @@ def default_argument_parser(description: str = "Multi-modal ReID", training: boo
         parser.add_argument(
             "--overwrite", action="store_true",
             help="OUTPUT_DIR holds an earlier run: move it aside (to OUTPUT_DIR.old-<time>) and start anew")
-    for flag, (key, text) in KEY_FLAGS.items():
-        parser.add_argument(flag, type=float, default=None,
-                            help=f"{text} (sets {key}; overrides the file and opts)")
+        for flag, (key, text) in KEY_FLAGS.items():  # initial values: no use to an evaluation
+            parser.add_argument(flag, type=float, default=None,
+                                help=f"{text} (sets {key}; overrides the file and opts)")
     parser.add_argument("--debug", action="store_true",
                         help="on an error, print the full traceback here (it is always in the log)")
     return parser

@@ -143,10 +143,10 @@ def test_help_lists_init_flags(capsys):
         default_argument_parser().parse_args(["--help"])
     out = capsys.readouterr().out
     assert "--init_scale" in out and "--init_bias" in out and "--resume" in out
-    with pytest.raises(SystemExit):  # test_net.py accepts the same commands, minus --resume
+    with pytest.raises(SystemExit):  # evaluation has no use for them
         default_argument_parser(training=False).parse_args(["--help"])
     out = capsys.readouterr().out
-    assert "--init_scale" in out and "--resume" not in out
+    assert "--init_scale" not in out and "--resume" not in out and "--overwrite" not in out
 
 
 def test_defaults_are_not_shared():
