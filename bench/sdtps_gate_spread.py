@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import build_cfg  # noqa: E402
 from data.build import build_data  # noqa: E402
+from data.datasets import dataset_class  # noqa: E402
 from modeling.model import build_model  # noqa: E402
 from utils.checkpoint import extract_model_state, load_checkpoint_file  # noqa: E402
 from utils.logger import setup_logger  # noqa: E402
@@ -73,8 +74,8 @@ def main(argv=None):
     for item in args.weights:
         label, path = item.split("=", 1)
         checkpoint = load_checkpoint_file(path)
-        cfg = CfgNode.load_cfg(checkpoint["cfg"])  # the run's own config
-        model = build_model(cfg, data.num_classes, data.num_cams)
+        cfg = CfgNode.load_cfg(checkpoint["cfg"])  # the run's own config (its classes: less VAL_IDS)
+        model = build_model(cfg, *dataset_class(cfg.DATASETS.NAMES).train_size(cfg))
         model.load_state_dict(extract_model_state(checkpoint))
         rows.append((f"{label} (gate_norm {cfg.MODEL.SDTPS.GATE_NORM})", spreads(model, loader, args.batches)))
     print(f"{args.config_file}: min / median / max over samples x 9 pairs (x heads for the gate)")
