@@ -221,9 +221,11 @@ def test_test_net_keeps_its_own_log(finished_run):
 
 def test_ctrl_c_is_one_line(tiny_opts):
     opts = list(tiny_opts) + ["SOLVER.MAX_EPOCHS", "5"]
+    # a shell's background job inherits SIGINT ignored, and Python keeps it so: restore it
     proc = subprocess.Popen([sys.executable, HOOKS] + opts, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, HOOK_STEP_SLEEP="0.3"))
+                            env=dict(os.environ, HOOK_STEP_SLEEP="0.3"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = os.path.join(_out(opts), "log.txt")
     deadline = time.time() + 120
     while time.time() < deadline and not (os.path.exists(log) and "iter 1/" in open(log).read()):
