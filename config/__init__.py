@@ -31,6 +31,7 @@ CHOICES = {
     "TEST.NECK_FEAT": ("before", "after"),
     "TEST.DIST": ("cosine", "euclidean"),
     "TEST.MISS": ("none", "r", "n", "t", "rn", "rt", "nt", "all"),
+    "MODEL.COMPILE": ("", "default", "reduce-overhead", "max-autotune"),
 }
 
 # Values of earlier versions still accepted: key -> {old value: current value}.

@@ -44,6 +44,10 @@ _C.MODEL.DROP_PATH = 0.0
 # Resampling of pretrained position embeddings to the patch grid: "bilinear" (DeMo: plain
 # bilinear, no antialias) or "bicubic" (timm's default: bicubic with antialias).
 _C.MODEL.POS_EMBED_RESIZE = "bilinear"
+# torch.compile the training model: "" (off, eager), or a compile mode ("default",
+# "reduce-overhead", "max-autotune"). The first steps are slow while it compiles; evaluation
+# and checkpoints use the eager module (the same weights).
+_C.MODEL.COMPILE = ""
 # Add a learnable camera embedding (SIE) to the CLS token.
 _C.MODEL.SIE_CAMERA = True
 # Coefficient of the camera embedding.

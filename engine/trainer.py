@@ -68,6 +68,10 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids,
                                                        find_unused_parameters=False)
+        if cfg.MODEL.COMPILE:
+            self.train_model = torch.compile(self.train_model, mode=cfg.MODEL.COMPILE)
+            self.logger.info("training model compiled (torch.compile mode %s): the first steps "
+                             "include the compilation", cfg.MODEL.COMPILE)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.amp = cfg.SOLVER.AMP
