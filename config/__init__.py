@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import yaml
 from yacs.config import CfgNode
@@ -202,17 +202,21 @@ def validate_cfg(cfg: CfgNode) -> None:
         raise ConfigError("DATASETS.VAL_IDS must be >= 0")
 
 
-def _all_keys(node: CfgNode, prefix: str = "") -> List[str]:
-    keys = []
-    for name, value in node.items():
-        keys += _all_keys(value, prefix + name + ".") if isinstance(value, CfgNode) else [prefix + name]
-    return keys
+def flatten_config(tree, prefix: str = "") -> Dict[str, object]:
+    """{"A.B.C": value} of a nested config (a CfgNode or the dict of its yaml dump)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _suggest_key(key: str) -> str:
     """"; did you mean A or B?" with the nearest valid keys, or "" (a key of the wrong case, a
     typo, a key under the wrong node)."""
-    keys = _all_keys(get_cfg_defaults())
+    keys = list(flatten_config(get_cfg_defaults()))
     by_upper = {k.upper(): k for k in keys}
     close = difflib.get_close_matches(key.upper(), list(by_upper), n=2, cutoff=0.75)
     leaf = key.rsplit(".", 1)[-1].upper()

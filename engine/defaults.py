@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 import torch
 import yaml
 
-from config import cfg_from_args
+from config import cfg_from_args, flatten_config
 from config.defaults import get_cfg_defaults
 from utils import checkpoint as ckpt
 from utils.checkpoint import extract_model_state, load_checkpoint_file, load_model_weights
@@ -74,19 +74,9 @@ def run_files(output_dir: str) -> List[str]:
             sorted(n for n in names if ckpt.EPOCH_PATTERN.search(n)))
 
 
-def _flat(node, prefix: str = "") -> Dict[str, object]:
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, prefix + key + "."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def config_changes(old: Dict, new: Dict) -> Dict[str, tuple]:
     """{key: (old value, new value)} of two nested config dicts, for keys whose values differ."""
-    a, b = _flat(old), _flat(new)
+    a, b = flatten_config(old), flatten_config(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
@@ -105,9 +95,10 @@ def _finished_summary(cfg) -> Optional[Dict]:
 
 def check_output_dir(cfg, resume: bool, overwrite: bool) -> str:
     """What a training run may do with OUTPUT_DIR, without changing anything: "new" (empty or
-    absent), "move" (an earlier run to move aside: --overwrite), "resume" or "finished". Raises
+    absent), "move" (an earlier run to move aside: --overwrite) or "resume". Raises
     RunFolderError when the folder holds another run and neither flag says what to do with it, or
-    when --resume would continue it under a different config."""
+    when --resume would continue it under a different config; RunFinished when --resume finds the
+    run finished."""
     out = cfg.OUTPUT_DIR
     if os.path.exists(out) and not os.path.isdir(out):
         raise RunFolderError(f"OUTPUT_DIR {out!r} is a file, not a folder: choose another OUTPUT_DIR")
@@ -138,7 +129,12 @@ def check_output_dir(cfg, resume: bool, overwrite: bool) -> str:
                 f"--resume: the config differs from the run's {saved} in {listed}{more}. Resume "
                 f"with the run's own config (--config_file {saved}), or start a new run in "
                 "another OUTPUT_DIR")
-    return "finished" if _finished_summary(cfg) is not None else "resume"
+    summary = _finished_summary(cfg)
+    if summary is not None:
+        raise RunFinished(f"the run in {out} is finished (epoch {summary['last']['epoch']} of "
+                          f"{cfg.SOLVER.MAX_EPOCHS}): nothing to do, nothing changed. To train "
+                          "longer, resume with a larger SOLVER.MAX_EPOCHS", summary)
+    return "resume"
 
 
 def prepare_output_dir(cfg, decision: str) -> None:
@@ -193,11 +189,6 @@ def default_setup(args, training: bool = True, log_name: str = "log.txt"):
     """
     cfg = cfg_from_args(args)
     decision = check_output_dir(cfg, args.resume, args.overwrite) if training else "new"
-    if decision == "finished":
-        summary = _finished_summary(cfg)
-        raise RunFinished(f"the run in {cfg.OUTPUT_DIR} is finished (epoch {summary['last']['epoch']} "
-                          f"of {cfg.SOLVER.MAX_EPOCHS}): nothing to do, nothing changed. To train "
-                          "longer, resume with a larger SOLVER.MAX_EPOCHS", summary)
     device = select_device(cfg)
     if launched_by_torchrun():
         init_distributed(device)

@@ -96,7 +96,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from config import KEY_FLAGS, ConfigError, build_cfg  # noqa: E402
+from config import KEY_FLAGS, ConfigError, build_cfg, flatten_config  # noqa: E402
 from engine.defaults import run_files  # noqa: E402
 
 TRAIN_NET = os.path.join(ROOT, "train_net.py")
@@ -250,20 +250,9 @@ def load_grid(path: str, seeds: Optional[List[int]] = None) -> Grid:
 
 
 # ------------------------------------------------------------------------------------ runs
-def flatten(tree, prefix: str = "") -> Dict[str, object]:
-    out = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
-
-
 def config_identity(cfg_yaml: str) -> Dict[str, object]:
     """The flattened config of a yaml dump, without OUTPUT_DIR (the folder may move)."""
-    flat = flatten(yaml.safe_load(cfg_yaml) or {})
+    flat = flatten_config(yaml.safe_load(cfg_yaml) or {})
     flat.pop("OUTPUT_DIR", None)
     return flat
 
@@ -889,14 +878,18 @@ def _report(tag: str, run: Run, rc: Optional[int], seconds: float, say: Console,
     return True
 
 
-def launch_local(runs: List[Run], say: Console, forward: _Forward, args) -> List[Run]:
-    """Run the unfinished runs here, ``--max-parallel`` at a time (each with its own GPUs with
-    ``--gpus-per-run``, else a share of the CPU threads); returns the failed ones."""
-    todo = [(i, run) for i, run in enumerate(runs, 1) if run.state != "finished"]
+def _say_skipped(runs: List[Run], say: Console) -> None:
     for i, run in enumerate(runs, 1):
         if run.state == "finished":
             say(f"[{i}/{len(runs)}] {run.label}: skipped (finished: {run.folder}/summary.json, "
                 "config matches)")
+
+
+def launch_local(runs: List[Run], say: Console, forward: _Forward, args) -> List[Run]:
+    """Run the unfinished runs here, ``--max-parallel`` at a time (each with its own GPUs with
+    ``--gpus-per-run``, else a share of the CPU threads); returns the failed ones."""
+    todo = [(i, run) for i, run in enumerate(runs, 1) if run.state != "finished"]
+    _say_skipped(runs, say)
     slots = queue.Queue()
     for env in run_envs(args.max_parallel, args.gpus_per_run):
         slots.put(env)
@@ -946,11 +939,10 @@ def launch_slurm(runs: List[Run], say: Console, args, output: str, name: str) ->
     if args.partition:
         params["slurm_partition"] = args.partition
     executor.update_parameters(**params)
+    _say_skipped(runs, say)
     pending, attempts = [], []
     for i, run in enumerate(runs, 1):
         if run.state == "finished":
-            say(f"[{i}/{len(runs)}] {run.label}: skipped (finished: {run.folder}/summary.json, "
-                "config matches)")
             continue
         cmd, attempt = prepare(run, say)
         pending.append((i, run, cmd))
