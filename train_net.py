@@ -23,7 +23,7 @@ def main(argv=None, hooks: Sequence[HookBase] = ()) -> dict:
     except RunFinished as finished:
         print(finished, flush=True)
         return finished.summary
-    data = build_data(cfg, get_rank(), get_world_size())
+    data = build_data(cfg, get_rank(), get_world_size(), device)
     model = build_model(cfg, data.num_classes, data.num_cams)
     params = sum(p.numel() for p in model.parameters())
     logger.info("model: %.2f M parameters; heads: %s; backbone weights: %s", params / 1e6,

@@ -32,6 +32,8 @@ CHOICES = {
     "TEST.DIST": ("cosine", "euclidean"),
     "TEST.MISS": ("none", "r", "n", "t", "rn", "rt", "nt", "all"),
     "MODEL.COMPILE": ("", "default", "reduce-overhead", "max-autotune"),
+    "INPUT.AUG_DEVICE": ("loader", "model"),
+    "DATALOADER.CACHE": ("none", "memory"),
 }
 
 # Values of earlier versions still accepted: key -> {old value: current value}.

@@ -160,6 +160,10 @@ _C.INPUT.PIXEL_STD = [0.5, 0.5, 0.5]
 # True: one flip/crop draw per sample, shared by its three modalities (keeps them pixel-aligned);
 # False: each modality draws its own (DeMo). Random erasing is always drawn per modality.
 _C.INPUT.SYNC_MODALITY_AUG = False
+# Where the training augmentation runs: "loader" (per image in the loader workers, or per batch in
+# the loader with DATALOADER.CACHE memory) or "model" (per batch on the training device, after
+# the uint8 batch is transferred). Same distribution either way (docs/input_pipeline.md).
+_C.INPUT.AUG_DEVICE = "loader"
 
 # ---------------------------------------------------------------------------------------------
 # Datasets
@@ -191,6 +195,10 @@ _C.DATALOADER.NUM_WORKERS = 4
 _C.DATALOADER.NUM_INSTANCE = 8
 # Skip unreadable images (counted and logged) instead of failing.
 _C.DATALOADER.SKIP_BAD_IMAGES = False
+# Training images: "none" (read and decode every image at every epoch) or "memory" (decode and
+# resize the training split once into a uint8 store in host memory; N x 3 x 3 x H x W bytes,
+# checked against the available memory; see docs/input_pipeline.md).
+_C.DATALOADER.CACHE = "none"
 
 # ---------------------------------------------------------------------------------------------
 # Solver

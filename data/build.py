@@ -1,7 +1,9 @@
 """Data loaders for training and evaluation, built from the config.
 
 A batch is a dict:
-    images  (B, 3, 3, H, W) float  modality order RGB, NI, TI; normalised
+    images  (B, 3, 3, H, W) float  modality order RGB, NI, TI; normalised (training batches with
+                                   INPUT.AUG_DEVICE model: uint8, augmented by the trainer on its
+                                   device with DataBundle.train_augment)
     pids    (B,) long              (train: relabelled 0..num_classes-1)
     camids  (B,) long              0-based
     sceneids (B,) long             MSVR310 scenes, -1 elsewhere
@@ -9,24 +11,27 @@ A batch is a dict:
     masks   (B, H, W) float        foreground masks (evaluation of the synthetic dataset only)
     num_skipped int                unreadable images skipped in this batch (SKIP_BAD_IMAGES)
 """
+import os
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset
 
+from data.cache import CachedBatches, DecodedImageCache, identity_collate
 from data.datasets import BadImageError, ReIDDataset, Sample, build_dataset_from_config, read_triplet
 from data.samplers import RandomIdentitySampler, ShardSampler
-from data.transforms import (TriModalTestTransform, TriModalTrainTransform, mask_to_tensor,
-                             pil_triplet_to_tensor)
+from data.transforms import (BatchTrainAugment, TriModalTestTransform, TriModalTrainTransform,
+                             mask_to_tensor, pil_triplet_to_tensor, pil_triplet_to_uint8)
 from utils.logger import get_logger
 from utils.seed import worker_init_fn
 
 
 class TriModalImageDataset(Dataset):
-    """Reads RGB/NI/TI triplets of ``samples`` and applies ``transform`` to (3, 3, H, W)."""
+    """Reads RGB/NI/TI triplets of ``samples`` and applies ``transform`` to (3, 3, H, W) floats in
+    [0, 1]; without a transform the images stay uint8 (3, 3, H, W)."""
 
     def __init__(self, samples: List[Sample], size, transform, with_masks: bool = False,
                  skip_bad_images: bool = False, interpolation: str = "bilinear"):
@@ -50,8 +55,12 @@ class TriModalImageDataset(Dataset):
                                     f"count) unreadable images") from exc
             get_logger().warning("skipping unreadable image: %s", exc)
             return None
+        if self.transform is None:
+            pixels = pil_triplet_to_uint8(images, self.size, self.interpolation)
+        else:
+            pixels = self.transform(pil_triplet_to_tensor(images, self.size, self.interpolation))
         item = {
-            "images": self.transform(pil_triplet_to_tensor(images, self.size, self.interpolation)),
+            "images": pixels,
             "pids": sample.pid,
             "camids": sample.camid,
             "sceneids": sample.sceneid,
@@ -99,6 +108,8 @@ class DataBundle:
     num_classes: int
     num_cams: int
     dataset: ReIDDataset
+    # INPUT.AUG_DEVICE model: uint8 training batches -> augmented floats, on the training device
+    train_augment: Optional[BatchTrainAugment] = None
 
 
 def split_validation(train: List[Sample], num_val_ids: int, seed: int):
@@ -136,9 +147,11 @@ def _eval_loader(cfg, samples, with_masks, rank, world_size) -> DataLoader:
     )
 
 
-def build_data(cfg, rank: int = 0, world_size: int = 1) -> DataBundle:
+def build_data(cfg, rank: int = 0, world_size: int = 1,
+               device: Optional[torch.device] = None) -> DataBundle:
     """Dataset, identity-sampled training loader and evaluation sets (``test``, and ``val`` when
-    ``DATASETS.VAL_IDS > 0``)."""
+    ``DATASETS.VAL_IDS > 0``). ``device``: the training device (a CUDA device receives the
+    decoded-image cache with ``INPUT.AUG_DEVICE model``)."""
     logger = get_logger()
     dataset = build_dataset_from_config(cfg)
     logger.info("dataset %s under %s\n%s", dataset.name, cfg.DATASETS.ROOT_DIR,
@@ -162,19 +175,39 @@ def build_data(cfg, rank: int = 0, world_size: int = 1) -> DataBundle:
     per_rank_batch = cfg.SOLVER.IMS_PER_BATCH // world_size
     sampler = RandomIdentitySampler([s.pid for s in train], cfg.SOLVER.IMS_PER_BATCH,
                                     cfg.DATALOADER.NUM_INSTANCE, cfg.SOLVER.SEED, rank, world_size)
-    transform = TriModalTrainTransform(cfg.INPUT.FLIP_PROB, cfg.INPUT.PADDING, cfg.INPUT.RE_PROB,
-                                       cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD,
-                                       cfg.INPUT.SYNC_MODALITY_AUG, cfg.INPUT.RE_AREA)
-    train_loader = DataLoader(
-        TriModalImageDataset(train, cfg.INPUT.SIZE_TRAIN, transform, False,
-                             cfg.DATALOADER.SKIP_BAD_IMAGES, cfg.INPUT.TRAIN_INTERPOLATION),
-        batch_size=per_rank_batch,
-        sampler=sampler,
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
-        collate_fn=collate_skipping,
-        worker_init_fn=worker_init_fn,
-        generator=torch.Generator(),
-        drop_last=True,
-        persistent_workers=False,
-    )
-    return DataBundle(train_loader, sampler, eval_sets, num_classes, dataset.num_cams, dataset)
+    aug = (cfg.INPUT.FLIP_PROB, cfg.INPUT.PADDING, cfg.INPUT.RE_PROB, cfg.INPUT.PIXEL_MEAN,
+           cfg.INPUT.PIXEL_STD, cfg.INPUT.SYNC_MODALITY_AUG, cfg.INPUT.RE_AREA)
+    on_device = cfg.INPUT.AUG_DEVICE == "model"
+    if cfg.DATALOADER.CACHE == "memory":
+        # torchrun starts one process per GPU of the node, each with its own store
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        cache = DecodedImageCache.build(train, cfg.INPUT.SIZE_TRAIN, cfg.INPUT.TRAIN_INTERPOLATION,
+                                        cfg.DATALOADER.NUM_WORKERS, cfg.DATALOADER.SKIP_BAD_IMAGES,
+                                        processes, show_progress=rank == 0)
+        if on_device and device is not None and device.type == "cuda":
+            cache.to_device(device)
+        train_loader = DataLoader(
+            CachedBatches(cache, None if on_device else BatchTrainAugment(*aug)),
+            batch_size=None,
+            sampler=BatchSampler(sampler, per_rank_batch, drop_last=True),
+            num_workers=0,  # a gather from memory: nothing to parallelise
+            collate_fn=identity_collate,
+            generator=torch.Generator(),
+            pin_memory=torch.cuda.is_available() and cache.images.device.type == "cpu",
+        )
+    else:
+        train_loader = DataLoader(
+            TriModalImageDataset(train, cfg.INPUT.SIZE_TRAIN,
+                                 None if on_device else TriModalTrainTransform(*aug), False,
+                                 cfg.DATALOADER.SKIP_BAD_IMAGES, cfg.INPUT.TRAIN_INTERPOLATION),
+            batch_size=per_rank_batch,
+            sampler=sampler,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+            collate_fn=collate_skipping,
+            worker_init_fn=worker_init_fn,
+            generator=torch.Generator(),
+            drop_last=True,
+            persistent_workers=False,
+        )
+    return DataBundle(train_loader, sampler, eval_sets, num_classes, dataset.num_cams, dataset,
+                      BatchTrainAugment(*aug) if on_device else None)

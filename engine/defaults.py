@@ -50,6 +50,7 @@ RUN_MARKERS = ("config.yaml", "log.txt", "summary.json", ckpt.LAST_POINTER, "mod
 # longer schedule is the user's explicit choice). Any other difference refuses to resume.
 RESUMABLE_CHANGES = ("SOLVER.MAX_EPOCHS", "SOLVER.EVAL_PERIOD", "SOLVER.CHECKPOINT_PERIOD",
                      "SOLVER.LOG_PERIOD", "SOLVER.KEEP_LAST", "DATALOADER.NUM_WORKERS",
+                     "DATALOADER.CACHE",
                      "MODEL.DEVICE", "TEST.IMS_PER_BATCH", "OUTPUT_DIR")
 
 
