@@ -80,7 +80,7 @@ class PeriodicWriter(HookBase):
         self.period = max(1, int(period))
         self._epoch_start = self._train_start = 0.0
         self._epochs_done = 0
-        self._sums = [0.0, 0.0, 0]  # loss, accuracy (device tensors: no sync per step), steps
+        self._sums = [0.0, 0.0, 0.0]  # loss, accuracy, finite steps (device tensors: no sync per step)
 
     def before_train(self) -> None:
         t = self.trainer
@@ -92,17 +92,19 @@ class PeriodicWriter(HookBase):
 
     def before_epoch(self) -> None:
         self._epoch_start = time.time()
-        self._sums = [0.0, 0.0, 0]
+        self._sums = [0.0, 0.0, 0.0]
 
     def after_step(self) -> None:
         t = self.trainer
         result = t.step_result
-        if not result["finite"]:
-            return
-        self._sums[0] = self._sums[0] + result["loss"].detach().float()
-        self._sums[1] = self._sums[1] + _detached(result["scalars"].get("acc", float("nan")))
-        self._sums[2] += 1
-        if not ((t.iter + 1) % self.period == 0 or t.iter + 1 == t.num_iters):
+        finite = result["finite"]  # a device tensor: summed without waiting for the device
+        zero = torch.zeros((), device=finite.device)
+        self._sums[0] = self._sums[0] + torch.where(finite, result["loss"].detach().float(), zero)
+        acc = torch.as_tensor(_detached(result["scalars"].get("acc", float("nan"))),
+                              device=finite.device)
+        self._sums[1] = self._sums[1] + torch.where(finite, acc, zero)
+        self._sums[2] = self._sums[2] + finite.float()
+        if not ((t.iter + 1) % self.period == 0 or t.iter + 1 == t.num_iters) or not finite:
             return
         loss = _value(result["loss"])
         acc = _value(result["scalars"].get("acc", float("nan")))
@@ -129,8 +131,8 @@ class PeriodicWriter(HookBase):
         now = time.time()
         remaining = t.cfg.SOLVER.MAX_EPOCHS - (t.epoch + 1)
         eta = (now - self._train_start) / self._epochs_done * remaining
-        loss_sum, acc_sum, steps = self._sums
-        means = (f"mean loss {_value(loss_sum) / steps:.4f}, acc {_value(acc_sum) / steps:.3f}"
+        loss_sum, acc_sum, steps = (_value(x) for x in self._sums)
+        means = (f"mean loss {loss_sum / steps:.4f}, acc {acc_sum / steps:.3f}"
                  if steps else "no finite step")
         lr = max(group["lr"] for group in t.optimizer.param_groups)
         t.logger.info("epoch %d/%d done in %.1f s: %s, lr %.2e; ETA %s", t.epoch + 1,

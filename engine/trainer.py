@@ -86,6 +86,7 @@ class Trainer:
         self.history = []
         self.nonfinite_streak = 0
         self.nonfinite_steps = 0  # skipped steps over the whole run
+        self._pending_finite: List = []  # (iteration, finite, loss) not yet read from the device
         self.skipped_train_images = 0  # unreadable training images skipped (SKIP_BAD_IMAGES)
         self.global_step = 0
         self.stop_requested = False
@@ -182,37 +183,70 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ steps
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether a non-finite step is skipped inside the fused optimizer kernel (its
+        ``found_inf`` input, as GradScaler uses it) instead of by a host-side check that would
+        wait for the device every step. True for the fused optimizers (CUDA)."""
+        return bool(self.optimizer.defaults.get("fused"))
+
     def train_step(self, batch: Dict) -> Dict:
-        """One optimisation step on ``batch``: {"finite", "loss" (0-d tensor), "losses",
-        "scalars", "histograms"} (the last three as the model returned them)."""
+        """One optimisation step on ``batch``: {"finite" (0-d bool tensor), "loss" (0-d tensor),
+        "losses", "scalars", "histograms"} (the last three as the model returned them).
+
+        With a fused optimizer nothing here waits for the device: a non-finite loss still runs
+        the backward pass, and the optimizer kernel skips the update (``found_inf``; with fp16 the
+        grad scaler's own check of the gradients does it). Otherwise (CPU: no device to wait
+        for) the step returns before the backward pass."""
         inputs = {key: batch[key].to(self.device, non_blocking=True)
                   for key in ("images", "camids", "pids")}
+        if self.data.train_augment is not None:  # INPUT.AUG_DEVICE model: uint8 -> augmented
+            inputs["images"] = self.data.train_augment(inputs["images"])
         with autocast_context(self.device, self.amp):
             out = self.train_model(inputs)
             loss = sum(out["losses"].values())
-        finite = torch.isfinite(loss.detach()).float()
+        finite = torch.isfinite(loss.detach())
         if is_distributed():  # every rank must agree to step or to skip
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            agreed = finite.float()
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+            finite = agreed > 0
         self.optimizer.zero_grad(set_to_none=True)
-        result = {"finite": bool(finite.item() >= 1), "loss": loss.detach(), **out}
-        if not result["finite"]:
+        result = {"finite": finite, "loss": loss.detach(), **out}
+        on_device = self.skips_on_device
+        if not on_device and not bool(finite):
             return result
         self.scaler.scale(loss).backward()
         if self.cfg.SOLVER.GRAD_CLIP > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.SOLVER.GRAD_CLIP)
+        if on_device and not self.scaler.is_enabled():
+            self.optimizer.found_inf = (~finite).float()  # 1: the fused kernel leaves all as is
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return result
 
     def handle_nonfinite(self, result: Dict, epoch: int, iteration: int) -> None:
-        if result["finite"]:
+        """Count skipped steps, warn, and stop after SOLVER.MAX_NONFINITE in a row. Flags on a
+        device are read (one wait for the device) only every SOLVER.LOG_PERIOD steps and at the
+        end of the epoch, so a streak is noticed up to LOG_PERIOD steps late."""
+        self._pending_finite.append((iteration, result["finite"], result["loss"]))
+        last = iteration + 1 == self.num_iters
+        if not (result["finite"].device.type == "cpu" or last
+                or (iteration + 1) % self.cfg.SOLVER.LOG_PERIOD == 0):
+            return
+        pending, self._pending_finite = self._pending_finite, []
+        flags = torch.stack([f for _, f, _ in pending]).tolist()
+        for (step, _, loss), finite in zip(pending, flags):
+            self._count_nonfinite(finite, loss, epoch, step)
+
+    def _count_nonfinite(self, finite: bool, loss: torch.Tensor, epoch: int, iteration: int) -> None:
+        if finite:
             self.nonfinite_streak = 0
             return
         self.nonfinite_streak += 1
         self.nonfinite_steps += 1
         self.logger.warning("non-finite loss (%s) at epoch %d iteration %d: step skipped (%d in a row)",
-                            float(result["loss"]), epoch + 1, iteration + 1, self.nonfinite_streak)
+                            float(loss), epoch + 1, iteration + 1, self.nonfinite_streak)
         if self.nonfinite_streak >= self.cfg.SOLVER.MAX_NONFINITE:
             raise NonFiniteLossError(
                 f"{self.nonfinite_streak} consecutive non-finite losses (SOLVER.MAX_NONFINITE); "

@@ -50,13 +50,13 @@ class TripletLoss(nn.Module):
         same = targets.unsqueeze(0) == targets.unsqueeze(1)
         d_ap = dist.masked_fill(~same, float("-inf")).max(dim=1).values
         d_an = dist.masked_fill(same, float("inf")).min(dim=1).values
-        valid = torch.isfinite(d_an)  # anchors without a negative in the batch contribute nothing
-        if not bool(valid.any()):
-            return feat.sum() * 0.0
-        diff = d_ap[valid] - d_an[valid]
-        if self.soft_margin:
-            return F.softplus(diff).mean()
-        return F.relu(diff + self.margin).mean()
+        # anchors without a negative in the batch contribute nothing; masks, not indexing, so
+        # that nothing waits for the device
+        valid = torch.isfinite(d_an)
+        diff = torch.where(valid, d_ap - d_an.masked_fill(~valid, 0.0), 0.0)
+        per_anchor = F.softplus(diff) if self.soft_margin else F.relu(diff + self.margin)
+        some = (per_anchor * valid).sum() / valid.sum().clamp_min(1)
+        return torch.where(valid.all(), per_anchor.mean(), some)  # the plain mean when all count
 
 
 @LOSS_REGISTRY.register("reid")

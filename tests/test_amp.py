@@ -146,3 +146,57 @@ def test_too_many_nonfinite_losses_stop_with_last_checkpoint_intact(tiny_opts, m
     path, state = ckpt.find_resume_checkpoint(out)
     assert path == first and (state["epoch"], state["iteration"]) == (1, 0)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def _fused_optimizer(monkeypatch):
+    """Trainers build their optimizer fused, as on CUDA (torch has fused CPU kernels too)."""
+    import engine.trainer
+    from solver.build import build_param_groups
+
+    def build(cfg, model):
+        return torch.optim.Adam(build_param_groups(cfg, model), fused=True)
+
+    monkeypatch.setattr(engine.trainer, "build_optimizer", build)
+
+
+class _NoDeviceWait:
+    """Raises if a tensor is read on the host (``item``, ``bool``, ``float``, ``tolist``) inside
+    ``Trainer.train_step``: each such read waits for a GPU to finish the step."""
+
+    def __init__(self, monkeypatch):
+        original = Trainer.train_step
+
+        def guarded(trainer, batch):
+            with monkeypatch.context() as m:
+                for name in ("item", "__bool__", "__float__", "tolist"):
+                    m.setattr(torch.Tensor, name, _forbidden(name))
+                return original(trainer, batch)
+
+        monkeypatch.setattr(Trainer, "train_step", guarded)
+
+
+def _forbidden(name):
+    def read(self, *args, **kwargs):
+        raise AssertionError(f"Tensor.{name} inside the training step (a host-device sync)")
+    return read
+
+
+def test_fused_optimizer_skips_nonfinite_steps_without_waiting_for_the_device(tiny_opts, monkeypatch):
+    """The CUDA path (fused optimizer): no host read of a tensor inside the training step, the
+    fused kernel skips the NaN steps (``found_inf``), and the flags read every LOG_PERIOD steps
+    give the same warnings and counts as the per-step check. Catches: a per-step ``.item()``
+    (or ``if finite:``) reintroduced, found_inf not passed (NaN weights), flags lost or misnumbered
+    when read in groups."""
+    _fused_optimizer(monkeypatch)
+    _NoDeviceWait(monkeypatch)
+    monkeypatch.setattr(MultiModalReID, "losses", _nan_loss_at(lambda step: step in (1, 2)))
+    summary = train_net.main(list(tiny_opts) + ["SOLVER.LOG_PERIOD", "2"])
+    log = open(os.path.join(_out(tiny_opts), "log.txt")).read()
+    assert log.count("non-finite loss (nan)") == 2
+    assert "epoch 1 iteration 2: step skipped (1 in a row)" in log
+    assert "epoch 1 iteration 3: step skipped (2 in a row)" in log
+    assert summary["nonfinite_steps"] == 2 and summary["last"]["epoch"] == 2
+    state = torch.load(os.path.join(_out(tiny_opts), "checkpoint_epoch2.pth"), weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert steps == {5.0}, steps  # 3 + 4 batches, 2 of them skipped
