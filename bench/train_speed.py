@@ -15,8 +15,8 @@ step is split into
 
 * loader wait: from asking the loader for the next batch until it is there (at an epoch start
   this includes starting the loader's workers), and
-* compute: Trainer.train_step, which ends with ``loss.item()`` (a device sync); on CUDA the
-  device is also synchronised explicitly, so no work leaks into the next step's wait.
+* compute: Trainer.train_step (which itself does not wait for the device); on CUDA the device
+  is synchronised explicitly after it, so no work leaks into the next step's wait.
 
 Reported: triplets/s and images/s (3 images per triplet) over wait + compute; loader wait share
 = wait / (wait + compute); peak GPU memory (allocated and reserved by PyTorch's allocator) over
@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import build_cfg  # noqa: E402
 from data.build import build_data  # noqa: E402
 from engine.defaults import select_device  # noqa: E402
+from engine.evaluator import evaluate  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 from modeling.model import build_model  # noqa: E402
 from utils.logger import setup_logger  # noqa: E402
@@ -61,6 +62,8 @@ def parse_args(argv=None):
                         help=f"device peak for MFU (default on CUDA: {H200_BF16_DENSE_TFLOPS:g})")
     parser.add_argument("--tag", default="", help="name of this measurement (JSON file name)")
     parser.add_argument("--json", default=None, help="write the figures here")
+    parser.add_argument("--eval", action="store_true",
+                        help="also time one evaluation of the test split (the run's TEST options)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
     return parser.parse_args(argv)
 
@@ -70,13 +73,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(cfg, steps: int, warmup: int, logger) -> dict:
+def measure(cfg, steps: int, warmup: int, logger, time_eval: bool = False) -> dict:
     """Run ``warmup + steps`` training steps; return the timings of the last ``steps``."""
     device = select_device(cfg)
     seed_everything(cfg.SOLVER.SEED)
     set_deterministic(cfg.SOLVER.DETERMINISTIC)
     t0 = time.perf_counter()
-    data = build_data(cfg)
+    data = build_data(cfg, device=device)
     data_seconds = time.perf_counter() - t0
     flops = count_flops(build_on_meta(cfg, data.num_classes, data.num_cams), cfg.INPUT.SIZE_TRAIN)
     model = build_model(cfg, data.num_classes, data.num_cams)
@@ -142,6 +145,14 @@ def measure(cfg, steps: int, warmup: int, logger) -> dict:
     if device.type == "cuda":
         out["peak_mem_allocated_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
         out["peak_mem_reserved_GiB"] = torch.cuda.max_memory_reserved(device) / 2**30
+    if time_eval:
+        test = data.eval_sets["test"]
+        synchronize(device)
+        t0 = time.perf_counter()
+        evaluate(trainer.model, test, cfg, device)
+        synchronize(device)
+        out["eval_seconds"] = time.perf_counter() - t0
+        out["eval_triplets"] = len(test.samples)
     if trainer.writer is not None:
         trainer.writer.close()
     return out
@@ -170,6 +181,9 @@ def summary_text(r: dict) -> str:
     if "peak_mem_allocated_GiB" in r:
         lines.append(f"peak GPU memory   {r['peak_mem_allocated_GiB']:.2f} GiB allocated, "
                      f"{r['peak_mem_reserved_GiB']:.2f} GiB reserved")
+    if "eval_seconds" in r:
+        lines.append(f"evaluation        {r['eval_seconds']:.1f} s for {r['eval_triplets']} test "
+                     f"triplets (features, distances, ranking, metrics)")
     if r["nonfinite_steps"]:
         lines.append(f"WARNING           {r['nonfinite_steps']} timed steps had a non-finite loss")
     return "\n".join(lines)
@@ -185,7 +199,7 @@ def main(argv=None) -> dict:
     cfg = build_cfg(args.config_file, opts)
     logger = setup_logger(cfg.OUTPUT_DIR)
     try:
-        result = measure(cfg, args.steps, args.warmup, logger)
+        result = measure(cfg, args.steps, args.warmup, logger, args.eval)
     finally:
         if scratch is not None:
             scratch.cleanup()

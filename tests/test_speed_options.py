@@ -44,3 +44,29 @@ def test_optimizer_fused_only_on_cuda(tiny_cfg):
     assert not build_optimizer(cfg, model).defaults.get("fused")
     if torch.cuda.is_available():
         assert build_optimizer(cfg, model.cuda()).defaults.get("fused") is True
+
+
+def test_attention_runs_through_scaled_dot_product_attention(tiny_cfg, monkeypatch):
+    """Every attention that pools values (the ViT blocks of the three modalities and HDM's seven
+    query attentions) calls ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels
+    on CUDA) in a training forward. Catches: timm's fused attention switched off (its explicit
+    softmax path), HDM asking nn.MultiheadAttention for its weights (need_weights=True takes the
+    explicit path)."""
+    import torch.nn.functional as F
+
+    calls = []
+    original = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    cfg = tiny_cfg("MODEL.BACKBONE_DEPTH", "2", "MODEL.HDM.ENABLED", "True",
+                   "MODEL.ATMOE.ENABLED", "True", "MODEL.HDM.NUM_HEADS", "3")
+    data = build_data(cfg)
+    model = build_model(cfg, data.num_classes, data.num_cams).train()
+    batch = next(iter(data.train_loader))
+    model(batch)["losses"]
+    # the three modalities go through the backbone as one batch: one call per block; HDM: 7
+    assert len(calls) == 2 + 7, [tuple(c) for c in calls]
