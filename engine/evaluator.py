@@ -59,6 +59,29 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def model_outputs(model, images: torch.Tensor, cams: torch.Tensor, miss: str = "none",
+                  flip: bool = False, amp: str = "off"):
+    """The eval-mode outputs of one normalised batch, as every evaluation computes them: images
+    (B, 3, 3, H, W), cams (B,) -> (outputs, flipped): the model's outputs with the modalities
+    ``miss`` names zeroed (:func:`zero_missing`), and with ``flip`` those of the mirrored images
+    (else None), under ``amp``'s autocast."""
+    images = zero_missing(images, miss)
+    with autocast_context(images.device, amp):
+        outputs = model({"images": images, "camids": cams})
+        flipped = model({"images": images.flip(-1), "camids": cams}) if flip else None
+    return outputs, flipped
+
+
+def batch_feature(outputs: Dict, flipped: Optional[Dict], feat: str, neck_feat: str,
+                  feat_norm: str) -> torch.Tensor:
+    """Retrieval feature ``feat`` (B, D) float32 of :func:`model_outputs`' results: the mean of
+    the plain and mirrored features with flip TTA."""
+    f = retrieval_feature(outputs["heads"], feat, neck_feat, feat_norm).float()
+    if flipped is not None:
+        f = (f + retrieval_feature(flipped["heads"], feat, neck_feat, feat_norm).float()) / 2
+    return f
+
+
 def gather(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenation of every rank's ``tensor`` in rank order (the tensor itself without DDP)."""
     return torch.cat(all_gather_tensor(tensor.to(collective_device()))).cpu()
@@ -113,14 +136,9 @@ class ReIDEvaluator(DatasetEvaluator):
         self._feats: Dict[str, List[torch.Tensor]] = {name: [] for name in self.names}
         self._meta: Dict[str, List[torch.Tensor]] = {k: [] for k in ("pids", "camids", "sceneids", "index")}
 
-    def _feature(self, outputs: Dict, name: str) -> torch.Tensor:
-        return retrieval_feature(outputs["heads"], name, self.neck_feat, self.feat_norm).float()
-
     def process(self, batch: Dict, outputs: Dict, flipped: Optional[Dict] = None) -> None:
         for name in self.names:
-            f = self._feature(outputs, name)
-            if flipped is not None:
-                f = (f + self._feature(flipped, name)) / 2
+            f = batch_feature(outputs, flipped, name, self.neck_feat, self.feat_norm)
             self._feats[name].append(f.cpu())
         for key in self._meta:
             self._meta[key].append(batch[key])
@@ -200,11 +218,8 @@ def inference_on_dataset(model, eval_set, evaluators: Sequence[DatasetEvaluator]
         skipped += batch["num_skipped"]
         if "images" not in batch:
             continue
-        images = zero_missing(batch["images"].to(device, non_blocking=True), miss)
-        cams = batch["camids"].to(device)
-        with autocast_context(device, amp):
-            outputs = model({"images": images, "camids": cams})
-            flipped = model({"images": images.flip(-1), "camids": cams}) if flip else None
+        outputs, flipped = model_outputs(model, batch["images"].to(device, non_blocking=True),
+                                         batch["camids"].to(device), miss, flip, amp)
         for evaluator in evaluators:
             evaluator.process(batch, outputs, flipped)
     model.train(was_training)
@@ -241,18 +256,33 @@ def rank_metrics(extracted: Dict, eval_set, dist_metric: str, rerank=None) -> Di
     ``rerank``: optional callable (qf, gf) -> (Q, G) distance replacing the plain distance.
     """
     q, g = split_query_gallery(extracted, eval_set)
-    feats = F.normalize(extracted["feats"], dim=1)
-    qf, gf = feats[torch.from_numpy(q)], feats[torch.from_numpy(g)]
-    distmat = rerank(qf, gf) if rerank is not None else compute_distance(qf, gf, dist_metric)
+    feats = extracted["feats"]
+    distmat = query_gallery_distance(feats[torch.from_numpy(q)], feats[torch.from_numpy(g)],
+                                     dist_metric, rerank)
     scenes = {}
     if eval_set.uses_scenes:
         scenes = dict(q_scenes=extracted["sceneids"][q], g_scenes=extracted["sceneids"][g])
-    cmc, mean_ap, minp = evaluate_rank(distmat, extracted["pids"][q], extracted["pids"][g],
-                                       extracted["camids"][q], extracted["camids"][g], **scenes)
-    chance = random_ranking_map(extracted["pids"][q], extracted["pids"][g], extracted["camids"][q],
-                                extracted["camids"][g], **scenes)
-    metrics = {"mAP": float(mean_ap), "mINP": float(minp), "num_query": int(q.sum()),
-               "num_gallery": int(g.sum()), "chance_mAP": chance}
+    return distance_metrics(distmat, extracted["pids"][q], extracted["pids"][g],
+                            extracted["camids"][q], extracted["camids"][g], **scenes)
+
+
+def query_gallery_distance(qf: torch.Tensor, gf: torch.Tensor, dist_metric: str,
+                           rerank=None) -> torch.Tensor:
+    """(Q, G) distance of the L2-normalised query (Q, D) and gallery (G, D) features: TEST.DIST's
+    metric, or ``rerank(qf, gf)`` when given."""
+    qf, gf = F.normalize(qf.float(), dim=1), F.normalize(gf.float(), dim=1)
+    return rerank(qf, gf) if rerank is not None else compute_distance(qf, gf, dist_metric)
+
+
+def distance_metrics(distmat, q_pids, g_pids, q_camids, g_camids, q_scenes=None,
+                     g_scenes=None) -> Dict:
+    """mAP, CMC (R1/R5/R10), mINP and chance mAP (fractions) of a (Q, G) distance matrix and the
+    identity / camera (/ scene) labels of its rows and columns (:func:`utils.metrics.evaluate_rank`)."""
+    scenes = {} if q_scenes is None else dict(q_scenes=q_scenes, g_scenes=g_scenes)
+    cmc, mean_ap, minp = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, **scenes)
+    chance = random_ranking_map(q_pids, g_pids, q_camids, g_camids, **scenes)
+    metrics = {"mAP": float(mean_ap), "mINP": float(minp), "num_query": int(len(q_pids)),
+               "num_gallery": int(len(g_pids)), "chance_mAP": chance}
     for k in (1, 5, 10):
         metrics[f"R{k}"] = float(cmc[min(k, len(cmc)) - 1])
     return metrics
