@@ -94,7 +94,8 @@ def _is_jpg(name: str) -> bool:
     return name.lower().endswith(".jpg")
 
 
-def _is_image(name: str) -> bool:
+def is_image_file(name: str) -> bool:
+    """Whether a file name has an image extension (jpg, jpeg, png, bmp)."""
     return name.lower().endswith((".jpg", ".jpeg", ".png", ".bmp"))
 
 
@@ -508,7 +509,7 @@ class MSVR310(ReIDDataset):
                 continue
             present = {m: _file_names(dirs[m]) for m in others}
             for name in _sorted_entries(dirs[first], want_dirs=False):
-                if not _is_image(name):
+                if not is_image_file(name):
                     continue
                 pid, sceneid, camid = self.parse_name(name)
                 paths = tuple(os.path.join(dirs[m], name) for m in self.modalities)

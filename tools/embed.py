@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from config import ConfigArgumentParser, build_cfg  # noqa: E402
-from data.datasets import RGBNT201, _is_image  # noqa: E402
+from data.datasets import RGBNT201, is_image_file  # noqa: E402
 from engine.cli import run_cli  # noqa: E402
 from utils.logger import setup_logger  # noqa: E402
 
@@ -66,7 +66,7 @@ def folder_triplets(root: str) -> Triplets:
     names = {}
     for f in FOLDERS:
         folder = os.path.join(root, subdirs[f])
-        names[f] = {n for n in os.listdir(folder) if not n.startswith(".") and _is_image(n)
+        names[f] = {n for n in os.listdir(folder) if not n.startswith(".") and is_image_file(n)
                     and os.path.isfile(os.path.join(folder, n))}
     everywhere = names["RGB"] & names["NI"] & names["TI"]
     unmatched = sorted(f"{subdirs[f]}/{n}" for f in FOLDERS for n in names[f] - everywhere)
