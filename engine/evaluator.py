@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from modeling.heads import retrieval_feature
 from utils.dist import all_gather_tensor, collective_device, is_main_process
-from utils.metrics import compute_distance, evaluate_rank, random_ranking_map
+from utils.metrics import compute_distance, evaluate_rank, junk_mask, random_ranking_map
 from utils.registry import Registry
 
 # The retrieval metrics of rank_metrics that every report shows.
@@ -51,9 +51,23 @@ def patch_foreground(masks: torch.Tensor, patch_size, stride) -> torch.Tensor:
     return cover.flatten(1)
 
 
+# Device types on which SOLVER.AMP / TEST.AMP fp16 runs (autocast + grad scaler). Elsewhere fp16
+# falls back to fp32 (the trainer logs it): CPUs compute fp16 products through slow paths, and
+# DeMo's configs ask for fp16. The fp16 code itself is the same on every device; the tests add
+# "cpu" here to run CUDA's fp16 path on the CPU.
+FP16_DEVICE_TYPES = {"cuda"}
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """The precision used for ``amp`` on ``device``: "fp16" outside FP16_DEVICE_TYPES is "off"."""
+    return "off" if amp == "fp16" and device.type not in FP16_DEVICE_TYPES else amp
+
+
 def autocast_context(device: torch.device, amp: str):
-    """Autocast for SOLVER.AMP / TEST.AMP: "bf16" anywhere, "fp16" on CUDA (fp32 elsewhere)."""
-    if amp == "off" or (amp == "fp16" and device.type != "cuda"):
+    """Autocast for SOLVER.AMP / TEST.AMP: "bf16" anywhere, "fp16" on FP16_DEVICE_TYPES (fp32
+    elsewhere)."""
+    amp = resolve_amp(amp, device)
+    if amp == "off":
         return nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -281,8 +295,14 @@ def distance_metrics(distmat, q_pids, g_pids, q_camids, g_camids, q_scenes=None,
     scenes = {} if q_scenes is None else dict(q_scenes=q_scenes, g_scenes=g_scenes)
     cmc, mean_ap, minp = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, **scenes)
     chance = random_ranking_map(q_pids, g_pids, q_camids, g_camids, **scenes)
+    q_keys, g_keys = (q_camids, g_camids) if q_scenes is None else (q_scenes, g_scenes)
+    has_positive = ((np.asarray(g_pids)[None, :] == np.asarray(q_pids)[:, None]) &
+                    ~junk_mask(np.asarray(q_pids)[:, None], np.asarray(q_keys)[:, None], g_pids,
+                               g_keys)).any(1)
     metrics = {"mAP": float(mean_ap), "mINP": float(minp), "num_query": int(len(q_pids)),
-               "num_gallery": int(len(g_pids)), "chance_mAP": chance}
+               "num_gallery": int(len(g_pids)), "chance_mAP": chance,
+               # queries without a positive in the gallery are dropped by the protocol
+               "num_valid_query": int(has_positive.sum())}
     for k in (1, 5, 10):
         metrics[f"R{k}"] = float(cmc[min(k, len(cmc)) - 1])
     return metrics
@@ -298,11 +318,19 @@ def build_reranker(cfg):
     return lambda qf, gf: re_ranking(qf, gf, k1=r.K1, k2=r.K2, lambda_value=r.LAMBDA)
 
 
+def dropped_queries(metrics: Dict) -> str:
+    """"N without a positive in the gallery, not counted; " when the protocol dropped queries."""
+    valid = metrics.get("num_valid_query", metrics["num_query"])
+    dropped = metrics["num_query"] - valid
+    return (f"{dropped} without a positive in the gallery, not counted (metrics over {valid}); "
+            if dropped else "")
+
+
 def format_metrics(metrics: Dict) -> str:
     text = (f"mAP {metrics['mAP'] * 100:.2f}  R1 {metrics['R1'] * 100:.2f}  "
             f"R5 {metrics['R5'] * 100:.2f}  R10 {metrics['R10'] * 100:.2f}  "
             f"mINP {metrics['mINP'] * 100:.2f}  ({metrics['num_query']} queries, "
-            f"{metrics['num_gallery']} gallery; chance mAP {metrics['chance_mAP'] * 100:.2f}, "
+            f"{dropped_queries(metrics)}{metrics['num_gallery']} gallery; chance mAP {metrics['chance_mAP'] * 100:.2f}, "
             f"{metrics['mAP'] / metrics['chance_mAP']:.1f}x chance)")
     if "fg_precision" in metrics:
         text += (f"  kept-token foreground precision {metrics['fg_precision'] * 100:.1f}% "

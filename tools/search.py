@@ -40,8 +40,10 @@ from PIL import Image  # noqa: E402
 from config.defaults import get_cfg_defaults  # noqa: E402
 from data.datasets import BadImageError, read_image  # noqa: E402
 from engine.cli import run_cli  # noqa: E402
-from engine.evaluator import distance_metrics, format_metrics, query_gallery_distance  # noqa: E402
+from engine.evaluator import (distance_metrics, dropped_queries, format_metrics,  # noqa: E402
+                              query_gallery_distance)
 from tools.visualize_ranks import order_queries, per_query_ap, top_matches  # noqa: E402
+from utils.outputs import OutputPathError, check_output, replacing  # noqa: E402
 from utils.rerank import re_ranking  # noqa: E402
 from utils.visualization import CORRECT, MID_GRAY, QUERY, WRONG  # noqa: E402
 
@@ -100,21 +102,29 @@ def load_features(path: str, role: str) -> Dict:
 
 def junk_keys(query: Dict, gallery: Dict):
     """(q_pids, g_pids, q_keys, g_keys, what): labels under which a gallery item with the query's
-    pid and key is junk. Keys are the scenes or cameras when known in both files, else an id of
-    the triplet's paths (only the query's own triplet is junk); unknown identities are all -1."""
-    def known(key):
-        return bool((query[key] >= 0).all() and (gallery[key] >= 0).all())
-
+    pid and key is junk. Keys are the scenes or cameras when known for every row of a known
+    identity in both files, else an id of the triplet's paths (only the query's own triplet is
+    junk). Identities are used when some rows of both files have one (-1 = unknown: such a query
+    is left out of the metrics, such a gallery item never matches); rows of an unknown identity
+    are keyed by their triplet."""
     q_pids, g_pids = query["pids"], gallery["pids"]
-    if not known("pids"):
+    if not ((q_pids >= 0).any() and (g_pids >= 0).any()):
         q_pids, g_pids = np.full_like(q_pids, -1), np.full_like(g_pids, -1)
-    for key, what in (("sceneids", "scene"), ("camids", "camera")):
-        if known(key):
-            return q_pids, g_pids, query[key], gallery[key], what
     ids: Dict[str, int] = {}
-    q_keys = np.array([ids.setdefault("|".join(p), len(ids)) for p in query["paths"]], dtype=np.int64)
-    g_keys = np.array([ids.setdefault("|".join(p), len(ids)) for p in gallery["paths"]], dtype=np.int64)
-    return q_pids, g_pids, q_keys, g_keys, "triplet"
+    q_triplet = np.array([ids.setdefault("|".join(p), len(ids)) for p in query["paths"]], dtype=np.int64)
+    g_triplet = np.array([ids.setdefault("|".join(p), len(ids)) for p in gallery["paths"]], dtype=np.int64)
+    offset = 1 + max(int(query["camids"].max()), int(gallery["camids"].max()),
+                     int(query["sceneids"].max()), int(gallery["sceneids"].max()), 0)
+
+    def known(key):
+        return bool((q_pids >= 0).any() and (query[key][q_pids >= 0] >= 0).all() and
+                    (gallery[key][g_pids >= 0] >= 0).all())
+
+    for key, what in (("sceneids", "scene"), ("camids", "camera")):
+        if known(key):  # unknown identities: their triplet, beyond every camera / scene id
+            return (q_pids, g_pids, np.where(q_pids >= 0, query[key], offset + q_triplet),
+                    np.where(g_pids >= 0, gallery[key], offset + g_triplet), what)
+    return q_pids, g_pids, q_triplet, g_triplet, "triplet"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,9 +202,7 @@ h1{{font-size:18px;margin:0 0 4px}} p.sum{{margin:0 0 10px;color:#444}}
 {chr(10).join(body)}
 </body></html>
 """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with replacing(path, "--html") as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(page)
 
 
@@ -230,8 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> Dict:
     """Rank, print, optionally write the page and CSV; returns metrics and rankings (for tests)."""
     args = build_parser().parse_args(argv)
-    if args.top < 1 or args.html_queries < 1 or args.thumb_height < 8:
-        raise ValueError("--top and --html_queries must be at least 1, --thumb_height at least 8")
+    for flag, value, least in (("--top", args.top, 1), ("--html_queries", args.html_queries, 1),
+                               ("--thumb_height", args.thumb_height, 8), ("--show", args.show, 0),
+                               ("--k1", args.k1, 1), ("--k2", args.k2, 1)):
+        if value < least:
+            raise ValueError(f"{flag} {value}: must be at least {least}")
+    if not 0.0 <= args.lambda_value <= 1.0:
+        raise ValueError(f"--lambda_value {args.lambda_value}: must lie in [0, 1]")
+    inputs = {"--gallery": args.gallery, "--query": args.query}
+    for flag, path, ext in (("--html", args.html, (".html", ".htm")), ("--csv", args.csv, (".csv",))):
+        if path:  # before the work: an input or a file of another kind is never overwritten
+            check_output(path, flag, ext, inputs)
+    if args.html and args.csv and os.path.abspath(args.html) == os.path.abspath(args.csv):
+        raise OutputPathError(f"--html and --csv both name {args.html}: give two files")
     gallery = load_features(args.gallery, "gallery")
     query = load_features(args.query, "query")
     if query["feats"].shape[1] != gallery["feats"].shape[1]:
@@ -244,7 +263,8 @@ def main(argv=None) -> Dict:
     distmat = query_gallery_distance(torch.from_numpy(query["feats"]), torch.from_numpy(gallery["feats"]),
                                      dist, reranker).cpu().numpy()
     q_pids, g_pids, q_keys, g_keys, key_name = junk_keys(query, gallery)
-    ids_known = bool((q_pids >= 0).all())
+    ids_known = bool((q_pids >= 0).any())
+    counted = q_pids >= 0  # queries of an unknown identity are left out of the metrics
     if args.order != "input" and not ids_known:
         raise ValueError(f"--order {args.order} ranks the queries by average precision, which needs "
                          "the identities of both files: use --order input")
@@ -253,14 +273,22 @@ def main(argv=None) -> Dict:
     metrics: Optional[Dict] = None
     ap = np.full(len(q_pids), np.nan)
     if ids_known:
+        rows = np.flatnonzero(counted)
+        ap = np.where(counted, per_query_ap(distmat, q_pids, g_pids, q_keys, g_keys), np.nan)
+        unknown = len(q_pids) - len(rows)
+        left_out = f" [{unknown} queries of unknown identity (pid -1) left out]" if unknown else ""
+    if ids_known and not np.isfinite(ap).any():
+        print(f"{len(q_pids)} queries x {len(g_pids)} gallery, {how}: no query has a positive "
+              f"(its identity under another {key_name}) in --gallery {args.gallery}: no metrics"
+              f"{left_out}")
+    elif ids_known:
         if key_name == "scene":
-            metrics = distance_metrics(distmat, q_pids, g_pids, query["camids"], gallery["camids"],
-                                       q_keys, g_keys)
+            metrics = distance_metrics(distmat[rows], q_pids[rows], g_pids, query["camids"][rows],
+                                       gallery["camids"], q_keys[rows], g_keys)
         else:  # cameras, or the triplet ids standing in for unknown cameras
-            metrics = distance_metrics(distmat, q_pids, g_pids, q_keys, g_keys)
-        ap = per_query_ap(distmat, q_pids, g_pids, q_keys, g_keys)
+            metrics = distance_metrics(distmat[rows], q_pids[rows], g_pids, q_keys[rows], g_keys)
         print(f"{len(q_pids)} queries x {len(g_pids)} gallery, {how}, junk = same identity and "
-              f"{key_name}: {format_metrics(metrics)}")
+              f"{key_name}: {format_metrics(metrics)}{left_out}")
     else:
         print(f"{len(q_pids)} queries x {len(g_pids)} gallery, {how} (identities unknown: no "
               "metrics; each query's own triplet is left out)")
@@ -276,17 +304,16 @@ def main(argv=None) -> Dict:
                 "query_cam": int(query["camids"][qi]), "rank": rank, "gallery": int(gi),
                 "gallery_rgb": gallery["paths"][gi][0], "pid": int(gallery["pids"][gi]),
                 "cam": int(gallery["camids"][gi]), "distance": f"{distmat[qi, gi]:.6f}",
-                "correct": int(g_pids[gi] == q_pids[qi]) if ids_known else ""})
+                "correct": int(g_pids[gi] == q_pids[qi]) if counted[qi] else ""})
     for qi in range(min(args.show, len(q_pids))):
         print(f"query {qi}: {query['paths'][qi][0]}" +
-              (f" (pid {q_pids[qi]}, AP {ap[qi]:.3f})" if ids_known else ""))
+              (f" (pid {q_pids[qi]}, AP {ap[qi]:.3f})" if counted[qi] else ""))
         for rank, gi in enumerate(ranks[qi], start=1):
-            mark = (" +" if g_pids[gi] == q_pids[qi] else " -") if ids_known else ""
+            mark = (" +" if g_pids[gi] == q_pids[qi] else " -") if counted[qi] else ""
             print(f"  #{rank:<3d}{mark} {distmat[qi, gi]:.4f}  {gallery['paths'][gi][0]}")
 
     if args.csv:
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
+        with replacing(args.csv, "--csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             writer.writeheader()
             writer.writerows(records)
@@ -297,17 +324,18 @@ def main(argv=None) -> Dict:
         for qi in shown[:args.html_queries]:
             who = f"pid {query['pids'][qi]}, cam {query['camids'][qi]}" if ids_known else \
                 os.path.basename(query["paths"][qi][0])
-            label = f"query {qi} ({who})" + (f": AP {ap[qi]:.3f}" if ids_known and np.isfinite(ap[qi])
+            label = f"query {qi} ({who})" + (f": AP {ap[qi]:.3f}" if np.isfinite(ap[qi])
                                               else "")
             matches = [{"paths": gallery["paths"][gi],
-                        "correct": bool(g_pids[gi] == q_pids[qi]) if ids_known else None,
+                        "correct": bool(g_pids[gi] == q_pids[qi]) if counted[qi] else None,
                         "caption": f"#{rank} {distmat[qi, gi]:.3g}" +
                                    (f" pid {g_pids[gi]}" if ids_known else "")}
                        for rank, gi in enumerate(ranks[qi], start=1)]
             rows.append({"query_paths": query["paths"][qi], "query_caption": "query",
                          "label": label, "matches": matches})
         summary = (f"query {args.query} ({len(q_pids)}), gallery {args.gallery} ({len(g_pids)}), "
-                   f"{how}. " + (f"mAP {metrics['mAP'] * 100:.2f}, R1 {metrics['R1'] * 100:.2f}. "
+                   f"{how}. " + (f"mAP {metrics['mAP'] * 100:.2f}, R1 {metrics['R1'] * 100:.2f} "
+                                 f"({dropped_queries(metrics)}{metrics['num_query']} queries). "
                                  if metrics else "") +
                    "Frames: blue query, green same identity, red another identity"
                    f"{'' if ids_known else ' (identities unknown: grey)'}; images RGB | NI | TI.")
