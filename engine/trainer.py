@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from engine.evaluator import autocast_context, format_metrics
+from engine.evaluator import autocast_context, format_metrics, resolve_amp
 from engine.hooks import HookBase, default_hooks
 from solver.build import build_optimizer, build_scheduler
 from utils import checkpoint as ckpt
@@ -74,11 +74,10 @@ class Trainer:
                              "include the compilation", cfg.MODEL.COMPILE)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.amp = cfg.SOLVER.AMP
-        if self.amp == "fp16" and device.type != "cuda":
+        self.amp = resolve_amp(cfg.SOLVER.AMP, device)
+        if self.amp != cfg.SOLVER.AMP:
             self.logger.warning("SOLVER.AMP fp16 needs CUDA: training in fp32 on %s (bf16 is the "
                                 "mixed precision that runs on CPU)", device)
-            self.amp = "off"
         self.scaler = torch.amp.GradScaler(device.type, enabled=(self.amp == "fp16"))
         self.start_epoch, self.start_iter = 0, 0
         self.resume_rng: Optional[dict] = None

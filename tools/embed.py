@@ -8,8 +8,9 @@
 
 * a folder holding three sibling modality folders ``RGB``, ``NI``, ``TI`` (any letter case)
   whose image files have matching names (the RGBNT201 convention): one triplet per name. Names
-  like ``000123_cam3_2_05.jpg`` give the identity and the 0-based camera; other names leave them
-  unknown (-1); or
+  like ``000123_cam3_2_05.jpg`` give the identity and the 0-based camera; names that do not
+  follow this pattern are logged (the first few by name) and get -1 (unknown); when they are the
+  majority, every identity and camera is left unknown; or
 * a CSV file with a header naming the columns ``rgb``, ``ni``, ``ti`` (image paths, relative to the
   CSV's folder unless absolute; an empty cell = that modality is missing and zero-filled) and
   optionally ``id`` and ``cam`` (0-based; empty = unknown).
@@ -35,7 +36,8 @@ from tqdm import tqdm  # noqa: E402
 from config import ConfigArgumentParser, build_cfg  # noqa: E402
 from data.datasets import RGBNT201, is_image_file  # noqa: E402
 from engine.cli import run_cli  # noqa: E402
-from utils.logger import setup_logger  # noqa: E402
+from utils.logger import get_logger, setup_logger  # noqa: E402
+from utils.outputs import check_output, replacing  # noqa: E402
 
 FOLDERS = ("RGB", "NI", "TI")  # the RGBNT201 modality folders, in modality order
 CSV_COLUMNS = ("rgb", "ni", "ti")
@@ -78,14 +80,37 @@ def folder_triplets(root: str) -> Triplets:
     if not everywhere:
         raise ValueError(f"--input {root}: the folders {', '.join(FOLDERS)} hold no images")
     ordered = sorted(everywhere)
-    try:
-        parsed = [RGBNT201.parse_name(n) for n in ordered]
-    except ValueError:
-        parsed = [(-1, -1)] * len(ordered)
+    parsed = parse_names(root, ordered)
     paths = [[os.path.join(root, subdirs[f], n) for f in FOLDERS] for n in ordered]
     return Triplets(paths=np.array(paths, dtype=str).reshape(-1, 3),
                     pids=np.array([p for p, _ in parsed], dtype=np.int64),
                     camids=np.array([c for _, c in parsed], dtype=np.int64))
+
+
+def parse_names(root: str, names: List[str]) -> List[tuple]:
+    """(pid, camid) of each name by RGBNT201's pattern. Names that do not follow it get -1 and are
+    logged by name; when they are the majority, every identity is left unknown."""
+    parsed, odd = [], []
+    for name in names:
+        try:
+            parsed.append(RGBNT201.parse_name(name))
+        except ValueError:
+            parsed.append((-1, -1))
+            odd.append(name)
+    if not odd:
+        return parsed
+    if len(odd) * 2 > len(names):
+        if len(odd) < len(names):
+            get_logger().warning(
+                "--input %s: %d of %d names do not follow RGBNT201's pattern (e.g. "
+                "000123_cam3_2_05.jpg): %s; identities and cameras are left unknown (-1) for all",
+                root, len(odd), len(names), _listed(odd))
+        return [(-1, -1)] * len(names)
+    get_logger().warning(
+        "--input %s: %d of %d names do not follow RGBNT201's pattern (e.g. 000123_cam3_2_05.jpg): "
+        "%s; their identity and camera are unknown (-1), the other %d keep theirs", root, len(odd),
+        len(names), _listed(odd), len(names) - len(odd))
+    return parsed
 
 
 def _int_cell(value: str, column: str, path: str, line: int) -> int:
@@ -164,14 +189,18 @@ def embed_triplets(predictor, triplets: Triplets, progress: bool = True) -> np.n
 
 
 def save_features(path: str, feats: np.ndarray, triplets: Triplets, info: Dict) -> None:
-    """Write the .npz (exactly at ``path``; written to a temporary name first)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, feats=feats, paths=triplets["paths"], pids=triplets["pids"],
-                 camids=triplets["camids"], info=np.array(json.dumps(info)))
-    os.replace(tmp, path)
+    """Write the .npz (exactly at ``path``; to a temporary file first, read back, then renamed:
+    a failure leaves an existing file as it was)."""
+    def validate(tmp: str) -> None:
+        with np.load(tmp, allow_pickle=False) as data:
+            if data["feats"].shape != feats.shape:
+                raise ValueError(f"--output {path}: the written file does not read back; an "
+                                 "existing file is unchanged")
+
+    with replacing(path, "--output", validate) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, feats=feats, paths=triplets["paths"], pids=triplets["pids"],
+                     camids=triplets["camids"], info=np.array(json.dumps(info)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,10 +221,13 @@ def main(argv=None) -> Dict:
     """Embed ``--input`` into ``--output``; returns the arrays written (for tests)."""
     args = build_parser().parse_args(argv)
     logger = setup_logger()
-    if not args.output.endswith(".npz"):
-        raise ValueError(f"--output {args.output}: name a .npz file")
-    triplets = find_triplets(args.input)  # before the model is loaded: bad input fails fast
+    if args.batch_size < 0:
+        raise ValueError(f"--batch_size {args.batch_size}: must be at least 1 (0: TEST.IMS_PER_BATCH)")
     cfg = build_cfg(args.config_file, args.opts)
+    check_output(args.output, "--output", (".npz",),  # before the work: nothing is overwritten
+                 {"--input": args.input, "--config_file": args.config_file,
+                  "TEST.WEIGHT": cfg.TEST.WEIGHT})
+    triplets = find_triplets(args.input)  # before the model is loaded: bad input fails fast
     from engine.predictor import MODALITY_NAMES, Predictor  # the model code: after the checks
 
     predictor = Predictor(cfg, batch_size=args.batch_size or None)
