@@ -25,6 +25,12 @@ from typing import Dict, List
 import torch
 from timm.scheduler import CosineLRScheduler
 
+# Device types whose optimizer is torch's fused implementation (one kernel; a non-finite step is
+# skipped inside it through ``found_inf``, with no wait for the device). The CPU keeps torch's
+# default (foreach) implementation, which needs no such trick; the tests add "cpu" here to run
+# the CUDA path on the CPU.
+FUSED_DEVICE_TYPES = {"cuda"}
+
 def _is_bias(rule: str, name: str, param: torch.Tensor) -> bool:
     """DeMo's rule: the name contains "bias"; ndim: a ``.bias`` or any other 1-d parameter."""
     if rule == "demo":
@@ -55,10 +61,11 @@ def build_param_groups(cfg, model: torch.nn.Module) -> List[Dict]:
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     s = cfg.SOLVER
     groups = build_param_groups(cfg, model)
-    # On CUDA one fused kernel updates every parameter (the same update as the per-tensor loop);
-    # elsewhere torch picks its multi-tensor (foreach) implementation.
+    # On FUSED_DEVICE_TYPES one fused kernel updates every parameter (the same update as the
+    # per-tensor loop); elsewhere torch picks its multi-tensor (foreach) implementation.
     params = [p for group in groups for p in group["params"]]
-    kwargs = {"fused": True} if params and all(p.is_cuda for p in params) else {}
+    fused = params and all(p.device.type in FUSED_DEVICE_TYPES for p in params)
+    kwargs = {"fused": True} if fused else {}
     if s.OPTIMIZER == "SGD":
         return torch.optim.SGD(groups, momentum=s.MOMENTUM, **kwargs)
     if s.OPTIMIZER == "AdamW":

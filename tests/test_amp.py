@@ -1,14 +1,16 @@
 """Mixed precision (SOLVER.AMP) and non-finite losses.
 
 * bf16 autocast trains on CPU: finite losses, low-precision logits, weights move;
-* fp16 on CPU trains in fp32 with a log line; on CUDA its grad-scaler state is
-  checkpointed and restored (CUDA only);
+* fp16 on CPU trains in fp32 with a log line; CUDA's fp16 path (autocast + grad scaler) and its
+  fused optimizer run on the CPU when the tests enable them (``cuda_paths_on_cpu``): fp16
+  training and evaluation, the scaler's state checkpointed and resumed;
 * a non-finite loss skips the step (logged, counted in summary.json) and the run continues;
   SOLVER.MAX_NONFINITE consecutive ones stop the run with NonFiniteLossError, and the last
   checkpoint on disk is untouched and still loads.
 """
 import hashlib
 import os
+import shutil
 
 import pytest
 import torch
@@ -83,16 +85,56 @@ def test_fp16_on_cpu_trains_in_fp32_with_a_log_line(tiny_cfg):
         assert "SOLVER.AMP fp16 needs CUDA: training in fp32 on cpu" in f.read()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 needs CUDA")
-def test_fp16_grad_scaler_state_is_checkpointed(tiny_opts):
-    opts = [o if o != "cpu" else "cuda" for o in tiny_opts] + ["SOLVER.AMP", "fp16",
-                                                              "SOLVER.MAX_EPOCHS", "1"]
-    train_net.main(opts)
-    state = torch.load(os.path.join(_out(opts), "checkpoint_epoch1.pth"), weights_only=False)
-    assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
-    train_net.main(["--resume"] + opts[:-2] + ["SOLVER.MAX_EPOCHS", "2"])
-    resumed = torch.load(os.path.join(_out(opts), "checkpoint_epoch2.pth"), weights_only=False)
-    assert resumed["scaler"]["scale"] > 0
+@pytest.fixture
+def cuda_paths_on_cpu(monkeypatch):
+    """Run CUDA's code paths on the CPU: fp16 autocast with the grad scaler, and the fused
+    optimizer (torch 2.14 has CPU kernels for all three); nothing else changes."""
+    import engine.evaluator
+    import solver.build
+
+    monkeypatch.setattr(engine.evaluator, "FP16_DEVICE_TYPES", {"cuda", "cpu"})
+    monkeypatch.setattr(solver.build, "FUSED_DEVICE_TYPES", {"cuda", "cpu"})
+
+
+def test_fp16_trains_and_evaluates_through_the_cuda_path(tiny_cfg, cuda_paths_on_cpu):
+    """SOLVER.AMP fp16 and TEST.AMP fp16 as on CUDA: fp16 logits in training and evaluation, the
+    grad scaler enabled, the fused optimizer stepping with the scaler. Catches: autocast not
+    entered (fp32 logits), the scaler left disabled, TEST.AMP ignored, the optimizer not fused,
+    or a scaler/fused combination that never applies an update."""
+    cfg = tiny_cfg("SOLVER.AMP", "fp16", "TEST.AMP", "fp16", "SOLVER.MAX_EPOCHS", "1")
+    trainer = _trainer(cfg)
+    assert trainer.amp == "fp16" and trainer.scaler.is_enabled() and trainer.skips_on_device
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    recorder = StepRecorder()
+    trainer.register_hooks([recorder])
+    summary = trainer.train()
+    steps = len(recorder.seen)
+    assert steps and {dtype for _, _, dtype in recorder.seen} == {torch.float16}
+    assert recorder.dtypes[steps:] and set(recorder.dtypes[steps:]) == {torch.float16}  # evaluation
+    after = trainer.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert 0 < trainer.scaler.get_scale() <= 65536.0
+    assert 0.0 <= summary["last"]["results"]["test"]["mAP"] <= 1.0
+
+
+def test_fp16_grad_scaler_state_is_checkpointed_and_resumed(tiny_opts, cuda_paths_on_cpu):
+    """An fp16 run stopped after epoch 1 and resumed ends with the same weights and the same
+    grad-scaler state (scale, growth tracker) as the uninterrupted run. Catches: the scaler's
+    state not saved, or not restored (a resumed scaler restarts at 2^16 with a zero tracker)."""
+    opts = list(tiny_opts) + ["SOLVER.AMP", "fp16"]
+    out = _out(opts)
+    train_net.main(opts + ["OUTPUT_DIR", out + "_whole"])
+    shutil.copytree(out + "_whole", out)  # the same run, stopped after epoch 1
+    for name in ("checkpoint_epoch2.pth", "summary.json"):
+        os.remove(os.path.join(out, name))
+    ckpt.atomic_write_text("checkpoint_epoch1.pth", os.path.join(out, ckpt.LAST_POINTER))
+    train_net.main(["--resume"] + opts)
+    ref = ckpt.load_checkpoint_file(os.path.join(out + "_whole", "checkpoint_epoch2.pth"))
+    resumed = ckpt.load_checkpoint_file(os.path.join(out, "checkpoint_epoch2.pth"))
+    assert ref["scaler"]["scale"] > 0 and "_growth_tracker" in ref["scaler"]
+    assert resumed["scaler"] == ref["scaler"]
+    assert all(torch.equal(ref["model"][k], resumed["model"][k]) for k in ref["model"])
 
 
 def _nan_loss_at(steps, before=None):
@@ -148,17 +190,6 @@ def test_too_many_nonfinite_losses_stop_with_last_checkpoint_intact(tiny_opts, m
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def _fused_optimizer(monkeypatch):
-    """Trainers build their optimizer fused, as on CUDA (torch has fused CPU kernels too)."""
-    import engine.trainer
-    from solver.build import build_param_groups
-
-    def build(cfg, model):
-        return torch.optim.Adam(build_param_groups(cfg, model), fused=True)
-
-    monkeypatch.setattr(engine.trainer, "build_optimizer", build)
-
-
 class _NoDeviceWait:
     """Raises if a tensor is read on the host (``item``, ``bool``, ``float``, ``tolist``) inside
     ``Trainer.train_step``: each such read waits for a GPU to finish the step."""
@@ -181,22 +212,28 @@ def _forbidden(name):
     return read
 
 
-def test_fused_optimizer_skips_nonfinite_steps_without_waiting_for_the_device(tiny_opts, monkeypatch):
-    """The CUDA path (fused optimizer): no host read of a tensor inside the training step, the
-    fused kernel skips the NaN steps (``found_inf``), and the flags read every LOG_PERIOD steps
-    give the same warnings and counts as the per-step check. Catches: a per-step ``.item()``
-    (or ``if finite:``) reintroduced, found_inf not passed (NaN weights), flags lost or misnumbered
-    when read in groups."""
-    _fused_optimizer(monkeypatch)
+@pytest.mark.parametrize("amp", ["off", "fp16"])
+def test_fused_optimizer_skips_nonfinite_steps_without_waiting_for_the_device(
+        tiny_opts, monkeypatch, cuda_paths_on_cpu, amp):
+    """The CUDA path (fused optimizer, fp32 or fp16 with the grad scaler): no host read of a
+    tensor inside the training step, the fused kernel skips the NaN steps (``found_inf``, from
+    the trainer or the scaler), and the flags read every LOG_PERIOD steps give the same warnings
+    and counts as the per-step check. Catches: a per-step ``.item()`` (or ``if finite:``)
+    reintroduced, found_inf not passed (NaN weights), flags lost or misnumbered when read in
+    groups, the optimizer built unfused."""
     _NoDeviceWait(monkeypatch)
     monkeypatch.setattr(MultiModalReID, "losses", _nan_loss_at(lambda step: step in (1, 2)))
-    summary = train_net.main(list(tiny_opts) + ["SOLVER.LOG_PERIOD", "2"])
+    summary = train_net.main(list(tiny_opts) + ["SOLVER.LOG_PERIOD", "2", "SOLVER.AMP", amp])
     log = open(os.path.join(_out(tiny_opts), "log.txt")).read()
     assert log.count("non-finite loss (nan)") == 2
     assert "epoch 1 iteration 2: step skipped (1 in a row)" in log
     assert "epoch 1 iteration 3: step skipped (2 in a row)" in log
     assert summary["nonfinite_steps"] == 2 and summary["last"]["epoch"] == 2
-    state = torch.load(os.path.join(_out(tiny_opts), "checkpoint_epoch2.pth"), weights_only=False)
+    state = ckpt.load_checkpoint_file(os.path.join(_out(tiny_opts), "checkpoint_epoch2.pth"))
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert all(group["fused"] for group in state["optimizer"]["param_groups"])
     steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
-    assert steps == {5.0}, steps  # 3 + 4 batches, 2 of them skipped
+    if amp == "off":
+        assert steps == {5.0}, steps  # 3 + 4 batches, 2 of them skipped
+    else:  # the scaler also skips the steps whose fp16 gradients overflowed
+        assert len(steps) == 1 and 1.0 <= steps.pop() <= 5.0
