@@ -1,0 +1,9 @@
+"""The pieces of ``tools/ablate.py`` (the command line), one file per responsibility:
+
+* ``grid.py``: the grid file (rows x seeds) -> :class:`~tools.ablation.grid.Grid`, checked;
+* ``plan.py``: a grid's runs (resolved configs, hashes, run folders and their states, stamps);
+* ``launch.py``: training the runs here (``--max-parallel``) or as a Slurm array (submitit);
+* ``aggregate.py``: the summary.json values of the finished runs -> one table line per row;
+* ``stats.py``: the statistics over seeds (mean, standard deviation);
+* ``report.py``: results.csv and results.md.
+"""
