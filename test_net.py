@@ -13,7 +13,9 @@ from engine.defaults import default_setup, evaluation_config, load_weights, requ
 from engine.evaluator import (MISS_TO_MODALITIES, RANK_KEYS, ReIDEvaluator, build_evaluators,
                               evaluate, export_features, format_metrics)
 from modeling.model import build_model
+from utils.checkpoint import atomic_write_text
 from utils.dist import cleanup, get_rank, get_world_size, is_main_process
+from utils.manifest import data_line, run_manifest
 
 MISS_LABELS = {"none": "all modalities", "r": "M(RGB)", "n": "M(NIR)", "t": "M(TIR)",
                "rn": "M(RGB+NIR)", "rt": "M(RGB+TIR)", "nt": "M(NIR+TIR)"}
@@ -42,6 +44,8 @@ def main(argv=None) -> dict:
     cfg, device, logger = default_setup(args, training=False, log_name="test_log.txt")
     require_weight(cfg)
     data = build_data(cfg, get_rank(), get_world_size())
+    manifest = run_manifest(cfg, device, data, get_world_size())
+    logger.info("%s", data_line(manifest["data"]))
     model = build_model(evaluation_config(cfg), data.num_classes, data.num_cams).to(device)
     load_weights(cfg, model)
     test_set = data.eval_sets["test"]
@@ -61,8 +65,10 @@ def main(argv=None) -> dict:
         logger.info("missing-modality results:\n%s", missing_modality_table(rows))
     results = {miss: m for miss, m in rows}
     if is_main_process():
-        with open(os.path.join(cfg.OUTPUT_DIR, "test_results.json"), "w") as f:
-            json.dump({"weight": cfg.TEST.WEIGHT, "feat": cfg.TEST.FEAT, "results": results}, f, indent=2)
+        atomic_write_text(json.dumps({"weight": cfg.TEST.WEIGHT, "feat": cfg.TEST.FEAT,
+                                      "results": results, "manifest": manifest},
+                                     indent=2, default=float),
+                          os.path.join(cfg.OUTPUT_DIR, "test_results.json"))
     cleanup()
     return results
 

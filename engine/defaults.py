@@ -2,7 +2,6 @@
 trained model for evaluation and analysis."""
 import json
 import os
-import platform
 import sys
 import time
 from typing import Dict, List, Optional
@@ -17,6 +16,7 @@ from utils.checkpoint import extract_model_state, load_checkpoint_file, load_mod
 from utils.dist import (barrier, get_rank, get_world_size, init_distributed, is_main_process,
                         launched_by_torchrun, local_rank)
 from utils.logger import get_logger, setup_logger
+from utils.manifest import manifest_lines, run_manifest
 from utils.seed import seed_everything, set_deterministic
 
 
@@ -33,14 +33,6 @@ def select_device(cfg) -> torch.device:
             wanted = f"cuda:{local_rank()}"
         torch.cuda.set_device(torch.device(wanted))
     return torch.device(wanted)
-
-
-def environment_info() -> str:
-    cuda = torch.version.cuda if torch.cuda.is_available() else "not available"
-    gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-    return (f"python {platform.python_version()}, torch {torch.__version__}, CUDA {cuda}"
-            f"{' (' + gpus + ')' if gpus else ''}, {os.cpu_count()} CPUs, "
-            f"{torch.get_num_threads()} torch threads, {platform.platform()}")
 
 
 # What an earlier training run leaves in OUTPUT_DIR (besides its epoch checkpoints).
@@ -184,9 +176,11 @@ def default_setup(args, training: bool = True, log_name: str = "log.txt"):
 
     Training (``training``) checks OUTPUT_DIR first (:func:`check_output_dir`): a folder holding
     another run is refused unless ``--resume`` or ``--overwrite`` says what to do with it, and a
-    finished run is left untouched (:class:`RunFinished`). The console gets the config
-    file and the keys that differ from the defaults; train_net.py writes config.yaml once the run
-    starts (:func:`write_config`). Returns (cfg, device, logger).
+    finished run is left untouched (:class:`RunFinished`). The log starts with the command and
+    the run manifest (``utils.manifest``: code, libraries, device, world size, determinism, loader
+    workers, config hash), then the config file and the keys that differ from the defaults;
+    train_net.py writes config.yaml once the run starts (:func:`write_config`). Returns
+    (cfg, device, logger).
     """
     cfg = cfg_from_args(args)
     decision = check_output_dir(cfg, args.resume, args.overwrite) if training else "new"
@@ -200,7 +194,8 @@ def default_setup(args, training: bool = True, log_name: str = "log.txt"):
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     logger = setup_logger(cfg.OUTPUT_DIR, rank, filename=log_name)
     logger.info("command: %s", " ".join(sys.argv))
-    logger.info("environment: %s", environment_info())
+    for line in manifest_lines(run_manifest(cfg, device, world_size=get_world_size())):
+        logger.info("%s", line)  # the run manifest (summary.json gets it with the data's)
     if launched_by_torchrun():
         logger.info("distributed: %d processes, backend %s", get_world_size(),
                     torch.distributed.get_backend())

@@ -31,6 +31,7 @@ from utils import checkpoint as ckpt
 from utils.dist import (all_gather_object, any_rank, barrier, get_rank,
                         get_world_size, is_distributed, is_main_process)
 from utils.logger import get_logger
+from utils.manifest import data_line, run_manifest
 from utils.seed import get_rng_state, seed_everything, set_rng_state
 
 
@@ -346,12 +347,17 @@ class Trainer:
                             "test-set selection)"}
 
     def finish(self, last: Optional[Dict], seconds: float) -> Dict:
+        """Log the final report and write summary.json: the last, best and paper-protocol
+        evaluations, every evaluation (``history``) and the run manifest (``utils.manifest``)."""
         best_test = self.best_on_test()
+        manifest = run_manifest(self.cfg, self.device, self.data, get_world_size())
         summary = {"last": last, "best": self.best, "best_test_paper_protocol": best_test,
                    "train_seconds": seconds,
                    "world_size": get_world_size(), "test_feat": self.cfg.TEST.FEAT,
                    "nonfinite_steps": self.nonfinite_steps,
-                   "skipped_train_images": self.skipped_train_images}
+                   "skipped_train_images": self.skipped_train_images,
+                   "history": self.history, "manifest": manifest}
+        self.logger.info("%s", data_line(manifest["data"]))
         if last is not None:
             for split, metrics in last["results"].items():
                 self.logger.info("final (last epoch %d) %s: %s", last["epoch"], split,
