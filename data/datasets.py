@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
+import numpy as np
 from PIL import Image
 
 from utils.registry import Registry
@@ -36,6 +37,7 @@ __all__ = [
     "build_dataset",
     "read_image",
     "read_triplet",
+    "to_rgb8",
 ]
 
 _SYNTHETIC_HINT = (
@@ -549,15 +551,49 @@ def build_dataset_from_config(cfg) -> ReIDDataset:
     return dataset_class(cfg.DATASETS.NAMES).from_config(cfg)
 
 
+# Bit depths an integer image of more than 8 bits is assumed to have: the smallest that holds its
+# largest value (a 12-bit thermal frame stored in a 16-bit PNG is scaled by 4095, not 65535).
+HIGH_BIT_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def to_rgb8(img: Image.Image, name: str = "image") -> Image.Image:
+    """``img`` as an 8-bit RGB image, scaled (never clipped) when it has more than 8 bits.
+
+    Integer images of more than 8 bits (Pillow modes I;16*, I: 16-bit PNG / TIFF, as thermal
+    cameras write them) are scaled by ``255 / (2**bits - 1)``, ``bits`` the smallest of
+    :data:`HIGH_BIT_DEPTHS` that holds the image's largest value; values outside 0..65535 are
+    scaled by the image's own range (min to max). Float images (mode F) in [0, 1] are scaled by 255,
+    others by their range; NaN or infinite values raise BadImageError naming ``name``. 8-bit
+    modes are converted by Pillow. (16-bit colour PNGs reach us already reduced to 8 bits by
+    Pillow: their high byte.)
+    """
+    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
+        return img.convert("RGB")
+    arr = np.asarray(img).astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise BadImageError(f"image {name!r} holds NaN or infinite values: it is not an image "
+                            "(fix or remove it)")
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+        scaled = arr * 255.0
+    elif img.mode != "F" and lo >= 0 and hi <= 65535:
+        bits = next(b for b in HIGH_BIT_DEPTHS if hi <= 2 ** b - 1)
+        scaled = arr * (255.0 / (2 ** bits - 1))
+    else:  # by the image's own range
+        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L").convert("RGB")
+
+
 def read_image(path: str) -> Image.Image:
-    """Fully decode ``path`` into an RGB-mode image.
+    """Fully decode ``path`` into an 8-bit RGB-mode image (:func:`to_rgb8`: an image of more than
+    8 bits is scaled, not clipped).
 
     A missing file raises FileNotFoundError and an undecodable one BadImageError, both naming it.
     """
     try:
         with Image.open(path) as img:
             img.load()  # decode everything now so truncated files fail here
-            return img.convert("RGB")
+            return to_rgb8(img, path)
     except FileNotFoundError:
         raise FileNotFoundError(2, "image file not found", path) from None
     except IsADirectoryError:

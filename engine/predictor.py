@@ -20,7 +20,7 @@ import torch.nn as nn
 from PIL import Image
 
 from config import build_cfg, merge_opts, validate_cfg
-from data.datasets import read_image
+from data.datasets import read_image, to_rgb8
 from data.transforms import TriModalTestTransform, pil_triplet_to_tensor
 from engine.defaults import evaluation_config, require_weight, select_device
 from engine.evaluator import MISS_TO_MODALITIES, batch_feature, model_outputs
@@ -134,6 +134,13 @@ class Predictor:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         self.model = load_trained_model(cfg, self.device)
         self.size = tuple(int(v) for v in cfg.INPUT.SIZE_TEST)  # (H, W)
+        trained = next((tuple(int(v) for v in m.img_size) for m in self.model.modules()
+                        if hasattr(m, "img_size") and hasattr(m, "patch_size")), self.size)
+        if trained != self.size:
+            raise ValueError(f"INPUT.SIZE_TEST {list(self.size)} does not match the input size of "
+                             f"the model of {cfg.TEST.WEIGHT} ({list(trained)}, its INPUT.SIZE_TRAIN):"
+                             f" set INPUT.SIZE_TEST \"{list(trained)}\" (images of any size are "
+                             "resized to it)")
         self.transform = TriModalTestTransform(cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)
         cam_embed = getattr(self.model.backbone, "cam_embed", None)
         self.num_cams = int(cam_embed.shape[0]) if cam_embed is not None else 0
@@ -151,7 +158,20 @@ class Predictor:
                                  f"(INPUT.SIZE_TEST), got {tuple(value.shape)}; pass PIL images or "
                                  "file paths to have them resized")
             x = x.detach().cpu()  # prepared on the CPU, moved to ``device`` batch by batch
-            return x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+            if x.dtype == torch.uint8:
+                return x.float().div(255.0)
+            if not x.is_floating_point():
+                raise ValueError(f"{name}: a {x.dtype} tensor; give uint8 (0..255) or float in [0, 1] "
+                                 "(scale images of more than 8 bits first, or pass PIL images / "
+                                 "file paths, which are scaled by their bit depth)")
+            x = x.float()
+            if not torch.isfinite(x).all():
+                raise ValueError(f"{name}: the tensor holds {int((~torch.isfinite(x)).sum())} NaN "
+                                 "or infinite value(s): it is not an image")
+            if x.numel() and (x.min() < 0 or x.max() > 1):
+                raise ValueError(f"{name}: a float tensor must lie in [0, 1] (got {x.min():.4g} .. "
+                                 f"{x.max():.4g}); divide 0..255 images by 255, or pass uint8")
+            return x
         items = [value] if isinstance(value, (str, os.PathLike, Image.Image)) else list(value)
         if not items:
             raise ValueError(f"{name}: an empty list of images (pass None for a missing modality)")
@@ -160,6 +180,7 @@ class Predictor:
             if not isinstance(v, Image.Image):
                 raise TypeError(f"{name}: expected a tensor, PIL images or file paths, got "
                                 f"{type(v).__name__}")
+        images = [to_rgb8(v, f"{name} #{i}") for i, v in enumerate(images)]  # 16-bit: scaled
         # pil_triplet_to_tensor resizes and converts any number of images: (B, 3, H, W)
         return pil_triplet_to_tensor(images, self.size)
 
@@ -201,8 +222,10 @@ class Predictor:
         """Retrieval features (B, D) float32 on the CPU of B triplets.
 
         Each modality: None (missing: zero-filled after normalisation, exactly as TEST.MISS), a
-        float tensor (B, 3, H, W) in [0, 1] (or uint8 in 0..255) at INPUT.SIZE_TEST, or B PIL
-        images / file paths (resized bilinearly to INPUT.SIZE_TEST, as the test loader does).
+        float tensor (B, 3, H, W) in [0, 1] (or uint8 in 0..255) at INPUT.SIZE_TEST (other
+        integer types, NaN / inf and floats outside [0, 1] are refused, naming the modality), or
+        B PIL images / file paths (resized bilinearly to INPUT.SIZE_TEST, as the test loader
+        does; 16-bit images scaled to 8 bits by ``data.datasets.to_rgb8``).
         cam_ids: (B,) 0-based cameras, one int for all, or None (camera 0; unused by models
         without a camera embedding). Run in batches of ``batch_size`` on ``device``.
         """
