@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from config import ConfigArgumentParser, build_cfg  # noqa: E402
 from engine.cli import run_cli  # noqa: E402
 from utils.logger import setup_logger  # noqa: E402
+from utils.outputs import check_output, replacing  # noqa: E402
 
 INPUT_NAMES = ("rgb", "ni", "ti", "cam_ids")
 OUTPUT_NAME = "feat"
@@ -105,8 +106,6 @@ def export_graph(graph: torch.nn.Module, path: str, batch: int, size, num_cams: 
     finally:
         optimizer_log.setLevel(level)
     program.model.metadata_props.update(metadata)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     program.save(path, external_data=False)
 
 
@@ -147,12 +146,19 @@ def main(argv=None) -> Dict:
     """Export, check, compare; returns the figures (for tests and bench/export_speed.py)."""
     args = build_parser().parse_args(argv)
     onnx, ort = require_onnx()  # before anything is loaded
-    if not args.output.endswith(".onnx"):
-        raise ValueError(f"--output {args.output}: name a .onnx file")
-    if args.batch < 1 or args.trials < 1:
-        raise ValueError("--batch and --trials must be at least 1")
+    for flag, value in (("--batch", args.batch), ("--trials", args.trials)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be at least 1")
+    if not args.tolerance > 0:
+        raise ValueError(f"--tolerance {args.tolerance:g}: must be a positive number")
+    newest = onnx.defs.onnx_opset_version()
+    if not 1 <= args.opset <= newest:
+        raise ValueError(f"--opset {args.opset}: the installed onnx knows opsets 1 to {newest}; use "
+                         f"{DEFAULT_OPSET} (the default) or another one up to {newest}")
     logger = setup_logger()
     cfg = build_cfg(args.config_file, args.opts)
+    check_output(args.output, "--output", (".onnx",),  # before the work: nothing is overwritten
+                 {"--config_file": args.config_file, "TEST.WEIGHT": cfg.TEST.WEIGHT})
     from engine.predictor import Predictor  # the model code: after the dependency check
 
     predictor = Predictor(cfg, device="cpu")
@@ -169,31 +175,52 @@ def main(argv=None) -> Dict:
                 "feat": t.FEAT, "neck_feat": t.NECK_FEAT, "feat_norm": t.FEAT_NORM,
                 "flip": str(bool(t.FLIP)), "num_cams": str(predictor.num_cams),
                 "config_file": args.config_file, "weight": t.WEIGHT}
+    with replacing(args.output, "--output") as tmp:  # renamed onto --output once it passed
+        return _export_and_check(args, tmp, onnx, ort, graph, size, predictor.num_cams, metadata,
+                                 logger)
+
+
+def _export_and_check(args, path: str, onnx, ort, graph, size, num_cams: int, metadata: Dict,
+                      logger) -> Dict:
+    """Export to ``path`` (a temporary file), check it, compare it with PyTorch; the figures."""
     start = time.perf_counter()
-    export_graph(graph, args.output, args.batch, size, predictor.num_cams, args.dynamic_batch,
-                 args.opset, metadata)
+    try:
+        export_graph(graph, path, args.batch, size, num_cams, args.dynamic_batch, args.opset,
+                     metadata)
+    except Exception as exc:  # noqa: BLE001 - torch.export's own report is not the user's business
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RuntimeError(f"the ONNX export failed (--opset {args.opset}, batch "
+                           f"{'dynamic' if args.dynamic_batch else args.batch}): {first[:300]}; "
+                           f"{args.output} was not written (try --opset {DEFAULT_OPSET}; --debug "
+                           "shows the exporter's traceback)") from exc
     export_s = time.perf_counter() - start
-    onnx.checker.check_model(args.output, full_check=True)
-    model = onnx.load(args.output, load_external_data=False)
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        first = (str(exc).strip().splitlines() or ["invalid"])[0]
+        raise ValueError(f"onnx.checker rejects the model exported at --opset {args.opset}: "
+                         f"{first[:300]}; {args.output} was not written (an existing file is "
+                         f"unchanged): use --opset {DEFAULT_OPSET}") from exc
+    model = onnx.load(path, load_external_data=False)
     ops = sorted({node.op_type for node in model.graph.node})
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), args.opset)
     if opset != args.opset:
         logger.warning("--opset %d: the exporter could not convert the graph to it; the model has "
                        "opset %d", args.opset, opset)
-    size_mb = os.path.getsize(args.output) / 2 ** 20
+    size_mb = os.path.getsize(path) / 2 ** 20
     print(f"exported {args.output} in {export_s:.1f} s: {size_mb:.1f} MiB, opset {opset}, "
           f"batch {'dynamic' if args.dynamic_batch else args.batch}, {len(model.graph.node)} nodes; "
           "onnx.checker: ok")
     batches = [1 + (i % 3) for i in range(args.trials)] if args.dynamic_batch else [args.batch] * args.trials
-    diff = compare(graph, args.output, ort, batches, size, predictor.num_cams)
+    diff = compare(graph, path, ort, batches, size, num_cams)
     print(f"onnxruntime vs PyTorch on {args.trials} random input(s) (batch "
           f"{', '.join(map(str, batches))}): max abs difference {diff:.3g} (tolerance {args.tolerance:g})")
     if not diff <= args.tolerance:
         raise ValueError(f"onnxruntime and PyTorch differ by {diff:.3g} > --tolerance "
-                         f"{args.tolerance:g}: {args.output} was written but does not reproduce the "
-                         "model")
+                         f"{args.tolerance:g}: the model does not reproduce PyTorch, so "
+                         f"{args.output} was not written (an existing file is unchanged)")
     return {"path": args.output, "export_s": export_s, "size_mb": size_mb, "max_abs_diff": diff,
-            "ops": ops, "opset": opset, "graph": graph, "size": size, "num_cams": predictor.num_cams}
+            "ops": ops, "opset": opset, "graph": graph, "size": size, "num_cams": num_cams}
 
 
 if __name__ == "__main__":
