@@ -1,0 +1,129 @@
+"""Config values reach the objects a run builds, with the right sign.
+
+Every test sets an option through the config (build_cfg with KEY VALUE overrides) and checks the
+behaviour of what the run's own build functions make of it (build_data, build_model,
+build_optimizer / build_scheduler, build_evaluators, the Trainer). Each names the one-line
+breakage it catches. Grouped by config node; the evaluation protocols first.
+"""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from config import build_cfg
+from data.build import build_data
+from engine.evaluator import build_evaluators
+from modeling.heads import HeadOutput
+from conftest import TINY_OPTS
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation protocols, through the test split and the evaluator a run builds from its config.
+# Hand-made features: the sample named N gets the unit vector at ANGLE[N] degrees, so distances
+# order as angle differences. Each scenario's expected mAP is worked out in its docstring.
+# ---------------------------------------------------------------------------------------------
+ANGLE = {
+    # RGBNT201 (query list = gallery list): pid from the first field, camera from "camK"
+    "000001_cam1_0_00.jpg": 0, "000001_cam1_0_01.jpg": 2, "000001_cam2_0_00.jpg": 50,
+    "000002_cam1_0_00.jpg": 20, "000002_cam2_0_00.jpg": 90, "000003_cam3_0_00.jpg": 140,
+    # RGBNT100 (separate query and gallery): <pid>_c<camera>_<n>
+    "0001_c1_0001.jpg": 0, "0009_c1_0002.jpg": 100,  # queries
+    "0001_c1_0003.jpg": 5, "0002_c2_0004.jpg": 20, "0001_c2_0005.jpg": 30,  # gallery
+    # MSVR310: <vid>_s<scene>_v<camera>_<n>
+    "0001_s001_v0_000.jpg": 0,  # query
+    "0001_s001_v1_001.jpg": 5, "0002_s002_v0_000.jpg": 20, "0001_s002_v0_002.jpg": 30,  # gallery
+}
+TRAIN_NAMES = {"RGBNT201": [f"00001{p}_cam{c}_0_0{p}.jpg" for p in range(4) for c in (1, 2)],
+               "RGBNT100": [f"00{10 + p}_c{c}_000{p}.jpg" for p in range(4) for c in (1, 2)],
+               "MSVR310": [f"00{10 + p}_s001_v{c}_00{p}.jpg" for p in range(4) for c in (1, 2)]}
+
+
+def _image(path, size=(32, 64)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, (90, 120, 150)).save(path)
+
+
+@pytest.fixture(scope="module")
+def protocol_root(tmp_path_factory):
+    """RGBNT201, RGBNT100 and MSVR310 trees holding the files of ANGLE (and a training split)."""
+    root = str(tmp_path_factory.mktemp("protocols"))
+    names = [n for n in ANGLE if "_cam" in n]
+    for split, files in (("train_171", TRAIN_NAMES["RGBNT201"]), ("test", names)):
+        for modality in ("RGB", "NI", "TI"):
+            for name in files:
+                _image(os.path.join(root, "RGBNT201", split, modality, name))
+    splits = {"bounding_box_train": TRAIN_NAMES["RGBNT100"],
+              "query": ["0001_c1_0001.jpg", "0009_c1_0002.jpg"],
+              "bounding_box_test": ["0001_c1_0003.jpg", "0002_c2_0004.jpg", "0001_c2_0005.jpg"]}
+    for split, files in splits.items():
+        for name in files:
+            _image(os.path.join(root, "RGBNT100", "rgbir", split, name), (768, 128))
+    splits = {"bounding_box_train": TRAIN_NAMES["MSVR310"], "query3": ["0001_s001_v0_000.jpg"],
+              "bounding_box_test": ["0001_s001_v1_001.jpg", "0002_s002_v0_000.jpg",
+                                    "0001_s002_v0_002.jpg"]}
+    for split, files in splits.items():
+        for name in files:
+            for modality in ("vis", "ni", "th"):
+                _image(os.path.join(root, "MSVR310", split, name[:4], modality, name))
+    return root
+
+
+def protocol_metrics(dataset: str, root: str, *opts) -> dict:
+    """The reid evaluator's metrics on the test split of ``dataset``, as a run builds both from
+    its config, with the ANGLE features in place of the model's."""
+    cfg = build_cfg("", TINY_OPTS + ["DATASETS.NAMES", dataset, "DATASETS.ROOT_DIR", root, *opts])
+    eval_set = build_data(cfg).eval_sets["test"]
+    evaluators = build_evaluators(cfg, eval_set)
+    for evaluator in evaluators:
+        evaluator.reset()
+    for batch in eval_set.loader:
+        angles = torch.tensor([math.radians(ANGLE[os.path.basename(eval_set.samples[i].paths[0])])
+                               for i in batch["index"].tolist()])
+        feat = torch.stack([angles.cos(), angles.sin()], dim=1)
+        outputs = {"heads": {"ori": HeadOutput(feat, feat, None)}}
+        for evaluator in evaluators:
+            evaluator.process(batch, outputs)
+    metrics = {}
+    for evaluator in evaluators:
+        metrics.update(evaluator.evaluate())
+    return metrics
+
+
+@pytest.mark.parametrize("dist", ["euclidean", "cosine"])
+def test_rgbnt201_protocol_removes_same_camera_and_self_and_drops_queries_without_positive(
+        protocol_root, dist):
+    """Query list = gallery list. Per query (pid, camera, angle), the gallery after removing the
+    same-pid same-camera items (the query itself among them), ranked by angle:
+    a (1, 0, 0):   d c e f -> positive c at 2: AP 1/2;  b (1, 0, 2): the same, AP 1/2;
+    c (1, 1, 50):  d e b a f -> b, a at 3, 4: AP (1/3 + 2/4) / 2 = 5/12;
+    d (2, 0, 20):  b a c e f -> e at 4: AP 1/4;  e (2, 1, 90): c f d b a -> d at 3: AP 1/3;
+    f (3, 2, 140): no positive, dropped.  mAP = (1/2 + 1/2 + 5/12 + 1/4 + 1/3) / 5 = 0.4, R1 0.
+    Catches: same-camera junk kept (mAP 0.62), self-match kept, a query without positive
+    counted as AP 0 (1/3), query and gallery taken as separate lists."""
+    m = protocol_metrics("RGBNT201", protocol_root, "TEST.DIST", dist)
+    assert m["num_query"] == 6 and m["num_gallery"] == 6
+    assert m["mAP"] == pytest.approx(0.4) and m["R1"] == 0.0
+    assert m["R5"] == pytest.approx(1.0)  # every valid query's positive is within rank 4
+
+
+def test_rgbnt100_protocol_removes_same_camera_and_drops_queries_without_positive(protocol_root):
+    """Separate query and gallery. Query (1, cam 0, 0 deg): gallery g1 (1, cam 0, 5) is junk,
+    then g2 (pid 2, 20), g3 (1, cam 1, 30): AP 1/2. Query (9, cam 0) has no positive: dropped.
+    mAP 0.5. Catches: same-camera junk kept (AP (1 + 2/3) / 2), the query without positive
+    counted (mAP 1/4), the query rows ranked as gallery (the RGBNT201 rule applied here)."""
+    m = protocol_metrics("RGBNT100", protocol_root)
+    assert m["num_query"] == 2 and m["num_gallery"] == 3
+    assert m["mAP"] == pytest.approx(0.5) and m["R1"] == 0.0 and m["R5"] == 1.0
+
+
+def test_msvr310_protocol_removes_same_scene_not_same_camera(protocol_root):
+    """Query (vid 1, scene 1, camera 0, 0 deg); gallery g1 (1, scene 1, camera 1, 5): same
+    scene, junk; g2 (vid 2, 20); g3 (1, scene 2, camera 0, 30): same camera, other scene, a
+    positive. Ranked: g2 g3: AP 1/2. Catches: the scene labels not used (camera rule: g3 junk,
+    g1 first: AP 1), no junk removed (AP (1 + 2/3) / 2)."""
+    m = protocol_metrics("MSVR310", protocol_root)
+    assert m["num_query"] == 1 and m["num_gallery"] == 3
+    assert m["mAP"] == pytest.approx(0.5) and m["R1"] == 0.0
