@@ -202,6 +202,9 @@ def validate_cfg(cfg: CfgNode) -> None:
         raise ConfigError(f"SOLVER.WARMUP_EPOCHS must be >= 0, got {cfg.SOLVER.WARMUP_EPOCHS}")
     if cfg.DATASETS.VAL_IDS < 0:
         raise ConfigError("DATASETS.VAL_IDS must be >= 0")
+    if cfg.SOLVER.MAX_EPOCHS < 1:
+        raise ConfigError(f"SOLVER.MAX_EPOCHS must be at least 1, got {cfg.SOLVER.MAX_EPOCHS} (to "
+                          "evaluate a checkpoint without training, run test_net.py TEST.WEIGHT <file>)")
 
 
 def flatten_config(tree, prefix: str = "") -> Dict[str, object]:
@@ -251,20 +254,43 @@ def merge_opts(cfg: CfgNode, opts: Optional[List[str]]) -> None:
             raise ConfigError(f"bad value for config key {key}: {exc}") from exc
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing a key given twice in one mapping (yaml would silently keep the
+    last one, dropping the first block)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key in lines:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: the key {key} is given "
+                                  f"twice in one block (first on line {lines[key]}); yaml would "
+                                  "keep only the second and drop the first: merge them")
+            if key is not None:
+                lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def merge_file(cfg: CfgNode, path: str, _seen=()) -> None:
     """Merge a yaml file, with errors that name the file and the offending key.
 
     A file may start with ``_BASE_: other.yml`` (relative to the file): the base is merged first.
     """
+    if os.path.isdir(path):
+        found = sorted(n for n in os.listdir(path) if n.endswith((".yml", ".yaml")))[:4]
+        raise ConfigError(f"config file {path} is a folder: name a yaml file"
+                          f"{' (e.g. ' + os.path.join(path, found[0]) + ')' if found else ''}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     if os.path.abspath(path) in _seen:
         raise ConfigError(f"{path}: _BASE_ cycle through {', '.join(_seen)}")
     with open(path) as f:
         try:
-            content = yaml.safe_load(f) or {}
+            content = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid yaml: {exc}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"{path}, {exc}") from None
     if not isinstance(content, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys")
     base = content.pop("_BASE_", None)
