@@ -213,6 +213,9 @@ def require_weight(cfg) -> None:
     if not cfg.TEST.WEIGHT:
         raise ValueError("TEST.WEIGHT is empty: name the checkpoint to evaluate, e.g. "
                          "TEST.WEIGHT output/quickstart/model_best.pth")
+    if os.path.isdir(cfg.TEST.WEIGHT):
+        raise ValueError(f"TEST.WEIGHT {cfg.TEST.WEIGHT} is a folder: name a checkpoint in it, e.g. "
+                         f"{os.path.join(cfg.TEST.WEIGHT, 'model_best.pth')}")
     if not os.path.isfile(cfg.TEST.WEIGHT):
         raise FileNotFoundError(f"TEST.WEIGHT {cfg.TEST.WEIGHT}: no such file")
 
