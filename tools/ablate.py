@@ -90,6 +90,7 @@ from tools.ablation.grid import GridError, load_grid  # noqa: E402
 from tools.ablation.launch import Console, Forward, grid_lock, launch_local, launch_slurm  # noqa: E402
 from tools.ablation.plan import TRAIN_NET, Run, inspect_run, plan_runs, write_stamp  # noqa: E402
 from tools.ablation.report import write_results  # noqa: E402
+from utils.outputs import OutputPathError, check_output_folder  # noqa: E402
 
 # Also importable from here (the tests use them; TRAIN_NET may be replaced by a stand-in).
 __all__ = ["main", "load_grid", "plan_runs", "inspect_run", "write_stamp", "aggregate",
@@ -143,8 +144,9 @@ def main(argv=None) -> int:
     try:
         grid = load_grid(args.grid, args.seeds)
         output = args.output or os.path.join("output", "ablations", grid.name)
+        check_output_folder(output, "--output")  # a file or an unwritable place: before any run
         runs = [inspect_run(r) for r in plan_runs(grid, output, TRAIN_NET)]
-    except GridError as exc:
+    except (GridError, OutputPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     counts = {s: sum(r.state == s for r in runs) for s in ("finished", "resume", "new", "stale")}
