@@ -32,16 +32,12 @@ class OutputPathError(ValueError):
     """An output path that would lose the user's files or cannot be written; names the option."""
 
 
-def _existing_ancestor(path: str) -> str:
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    return parent
-
-
-def _check_writable_place(path: str, option: str) -> None:
-    """The folder that will hold ``path`` exists or can be created, and can be written."""
-    ancestor = _existing_ancestor(path)
+def _check_writable_place(folder: str, path: str, option: str) -> None:
+    """``folder`` (which will hold ``option``'s ``path``) exists or can be created, and can be
+    written."""
+    ancestor = os.path.abspath(folder)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
     if not os.path.isdir(ancestor):
         raise OutputPathError(f"{option} {path}: {ancestor} is a file, not a folder: choose "
                               f"another place for {option}")
@@ -79,7 +75,7 @@ def check_output(path: str, option: str, extensions: Sequence[str],
     if not path.lower().endswith(tuple(e.lower() for e in extensions)):
         raise OutputPathError(f"{option} {path}: name a {' or '.join(extensions)} file (a file of "
                               "another kind is not overwritten)")
-    _check_writable_place(path, option)
+    _check_writable_place(os.path.dirname(os.path.abspath(path)), path, option)
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise OutputPathError(f"{option} {path} exists and cannot be replaced (permission "
                               f"denied): choose another name for {option}")
@@ -92,7 +88,7 @@ def check_output_folder(path: str, option: str) -> str:
         raise OutputPathError(f"{option} is empty: name the folder to write")
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutputPathError(f"{option} {path} is a file, not a folder: name a folder for {option}")
-    _check_writable_place(os.path.join(path, "x"), option)
+    _check_writable_place(path, path, option)
     return path
 
 
