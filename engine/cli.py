@@ -5,6 +5,7 @@ non-zero; the traceback goes to the log file (and to the console with ``--debug`
         run_cli(main)
 """
 import multiprocessing
+import os
 import signal
 import sys
 import traceback
@@ -51,6 +52,8 @@ def run_cli(main: Callable, argv: Optional[Sequence[str]] = None) -> None:
     code = 0
     try:
         main(argv)
+    except BrokenPipeError:  # the reader of stdout stopped (``| head``): nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except KeyboardInterrupt:
         path = log_to_file("interrupted by Ctrl-C", sys.exc_info())
         print("\ninterrupted (Ctrl-C)" + (f"; log: {path}" if path else "") +

@@ -22,6 +22,7 @@ from typing import Dict, List, Sequence, Tuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.cli import run_cli  # noqa: E402
+from utils.outputs import check_output, replacing  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from config import ConfigArgumentParser, build_cfg  # noqa: E402
@@ -94,7 +95,8 @@ def plot(curves: Dict[str, Sequence[float]], labels: Dict[str, str], title: str,
         y = height + 4 + i * line_height(small)
         draw.rectangle([left, y + 3, left + 10, y + 13], fill=color)
         draw.text((left + 16, y), labels[name], fill=BLACK, font=small)
-    img.save(path)
+    with replacing(path, "--plot") as tmp:
+        img.save(tmp)
 
 
 def main(argv=None) -> List[Tuple]:
@@ -103,6 +105,8 @@ def main(argv=None) -> List[Tuple]:
     parser.add_argument("--plot", default="", metavar="PNG", help="also draw the curves to this PNG")
     args = parser.parse_args(argv)
     cfg = build_cfg(args.config_file, args.opts)
+    if args.plot:  # before the work: a file of another kind or the config is never overwritten
+        check_output(args.plot, "--plot", (".png",), {"--config_file": args.config_file})
     rows = schedule_rows(cfg)
     write_csv(rows, sys.stdout)
     if args.plot:

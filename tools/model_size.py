@@ -27,10 +27,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--num_cams", type=int, default=None, help="cameras (default: the dataset's)")
     args = parser.parse_args(argv)
     setup_logger()
+    for flag, value, least in (("--num_classes", args.num_classes, 1), ("--num_cams", args.num_cams, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} {value}: must be at least {least} (leave it out for the "
+                             "dataset's own count)")
     cfg = build_cfg(args.config_file, args.opts)
     default_classes, default_cams = dataset_class(cfg.DATASETS.NAMES).train_size(cfg)
-    num_classes = args.num_classes or default_classes
-    num_cams = args.num_cams or default_cams
+    num_classes = default_classes if args.num_classes is None else args.num_classes
+    num_cams = default_cams if args.num_cams is None else args.num_cams
     model = build_on_meta(cfg, num_classes, num_cams)
     params = count_parameters(model)
     flops = count_flops(model, cfg.INPUT.SIZE_TEST)

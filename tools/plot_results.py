@@ -24,6 +24,7 @@ from typing import Dict, List, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.cli import run_cli  # noqa: E402
+from utils.outputs import check_output, replacing  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from utils.visualization import (BLACK, LIGHT_GRAY, WHITE, categorical_color, draw_text,  # noqa: E402
@@ -238,7 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     """Write the chart; returns its path, size and bar geometry (for tests)."""
     args = build_parser().parse_args(argv)
+    if args.decimals is not None and not 0 <= args.decimals <= 10:
+        raise ValueError(f"--decimals {args.decimals}: must lie in 0..10")
     metrics = list(dict.fromkeys(args.metric or ["mAP"]))
+    out = args.output or f"{os.path.splitext(args.csv)[0]}_{'_'.join(metrics)}.png"
+    check_output(out, "--output", (".png",), {"csv": args.csv})  # before the work
     names, values = read_results(args.csv, metrics, 100.0 if args.percent else 1.0)
     finite = [abs(v[0]) for m in metrics for v in values[m] if math.isfinite(v[0])]
     if not finite:
@@ -247,9 +252,8 @@ def main(argv=None) -> dict:
     unit = " (%)" if args.percent else ""
     title = args.title or f"{os.path.basename(args.csv)}: {', '.join(metrics)}{unit}, mean +/- std"
     image, bars, axis = plot(names, values, title, decimals, f"mean +/- std{unit}")
-    out = args.output or f"{os.path.splitext(args.csv)[0]}_{'_'.join(metrics)}.png"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    image.save(out)
+    with replacing(out, "--output") as tmp:
+        image.save(tmp)
     print(f"wrote {out} ({image.width}x{image.height}, {len(names)} rows, {len(metrics)} metrics)")
     return {"png": out, "size": image.size, "bars": bars, "axis": axis, "names": names,
             "metrics": metrics}

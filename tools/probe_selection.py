@@ -33,6 +33,7 @@ from typing import Dict, List, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.cli import run_cli  # noqa: E402
+from utils.outputs import check_output, replacing  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -206,13 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> Dict:
     args = build_parser().parse_args(argv)
     cfg = build_cfg(args.config_file, args.opts)
+    if args.output:  # before the work: an input or a file of another kind is never overwritten
+        check_output(args.output, "--output", (".md", ".txt"),
+                     {"--config_file": args.config_file, "TEST.WEIGHT": cfg.TEST.WEIGHT})
     device, data, model, logger = load_trained(cfg)
     result = probe(model, data.eval_sets["test"], device, args.ratios)
     table = format_table(result)
     logger.info("foreground precision of the top-K patches by each signal (N = %d patches per "
                 "modality, test split, %s):\n%s", result["N"], cfg.TEST.WEIGHT, table)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
+        with replacing(args.output, "--output") as tmp, open(tmp, "w", encoding="utf-8") as handle:
             handle.write(f"Foreground precision of the top-K patches, `{cfg.TEST.WEIGHT}`, "
                          f"N = {result['N']}\n\n{table}\n")
         logger.info("wrote %s", args.output)

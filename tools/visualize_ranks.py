@@ -27,6 +27,7 @@ from typing import Dict, List, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.cli import run_cli  # noqa: E402
+from utils.outputs import check_output_folder, replacing  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -170,9 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     """Write the rank-list PNG and CSV; returns their paths and the ranking (for tests)."""
     args = build_parser().parse_args(argv)
-    if args.num_queries < 1 or args.topk < 1:
-        raise ValueError("--num_queries and --topk must be at least 1")
+    for flag, value, least in (("--num_queries", args.num_queries, 1), ("--topk", args.topk, 1),
+                               ("--image_height", args.image_height, 8)):
+        if value < least:
+            raise ValueError(f"{flag} {value}: must be at least {least}")
     cfg = build_cfg(args.config_file, args.opts)
+    out_dir = check_output_folder(args.output or os.path.join(cfg.OUTPUT_DIR, "rank_vis"),
+                                  "--output" if args.output else "OUTPUT_DIR")  # before the work
     device, data, model, logger = load_trained(cfg)
     if cfg.TEST.MISS == "all":
         raise ValueError("TEST.MISS all is a table of settings; pick one (none, r, n, t, rn, rt, nt)")
@@ -230,12 +235,11 @@ def main(argv=None) -> dict:
              f"Images top to bottom: RGB, NI, TI.")
     image, layout = draw_rank_grid(rows, samples, image_size, args.topk, title)
 
-    out_dir = args.output or os.path.join(cfg.OUTPUT_DIR, "rank_vis")
-    os.makedirs(out_dir, exist_ok=True)
     png = os.path.join(out_dir, f"ranks_{args.order}.png")
     csv_path = os.path.join(out_dir, f"ranks_{args.order}.csv")
-    image.save(png)
-    with open(csv_path, "w", newline="") as f:
+    with replacing(png, "--output") as tmp:
+        image.save(tmp)
+    with replacing(csv_path, "--output") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(records)

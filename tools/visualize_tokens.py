@@ -31,6 +31,7 @@ from typing import List, Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.cli import run_cli  # noqa: E402
+from utils.outputs import check_output, replacing  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
@@ -157,7 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     """Write the kept-token PNG; returns its path, the keep masks and the geometry (for tests)."""
     args = build_parser().parse_args(argv)
+    if args.num_samples < 1 or args.scale < 0:
+        raise ValueError(f"--num_samples {args.num_samples} / --scale {args.scale}: --num_samples "
+                         "must be at least 1, --scale at least 0 (0: automatic)")
     cfg = build_cfg(args.config_file, args.opts)
+    out = args.output or os.path.join(cfg.OUTPUT_DIR, "tokens.png")
+    check_output(out, "--output" if args.output else "OUTPUT_DIR", (".png",),  # before the work
+                 {"--config_file": args.config_file, "TEST.WEIGHT": cfg.TEST.WEIGHT})
     if cfg.MODEL.SELECTION.NAME == "none":
         raise SDTPSDisabledError(
             "visualize_tokens needs a model that selects tokens, but the config has "
@@ -241,9 +248,8 @@ def main(argv=None) -> dict:
             for i, line in enumerate(lines):
                 draw_text(draw, (cx0, cy0 + i * sh, cx1, cy0 + (i + 1) * sh), line, small)
 
-    out = args.output or os.path.join(cfg.OUTPUT_DIR, "tokens.png")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    canvas.save(out)
+    with replacing(out, "--output") as tmp:
+        canvas.save(tmp)
     logger.info("kept tokens of %d samples written: %s", len(indices), out)
     return {"png": out, "keep": keep, "scores": scores, "indices": indices,
             "samples": [dataset.samples[i] for i in indices], "tiles": tiles,
