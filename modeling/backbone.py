@@ -21,7 +21,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from modeling.registry import BACKBONE_REGISTRY
-from utils.checkpoint import short_reason
+from utils.checkpoint import UNSAFE_REASON, UnsafeFileError, safe_load, short_reason
 from utils.logger import get_logger
 
 
@@ -38,19 +38,17 @@ def _is_torchscript(path: str) -> bool:
 
 
 def read_weight_file(path: str) -> dict:
-    """State dict from a torch/timm checkpoint or an OpenAI CLIP TorchScript archive."""
+    """State dict from a torch/timm checkpoint (read by ``utils.checkpoint.safe_load``) or an
+    OpenAI CLIP TorchScript archive (``torch.jit.load``: TorchScript only, no Python pickle)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MODEL.PRETRAIN_PATH not found: {path}")
     try:
         if _is_torchscript(path):
             obj = torch.jit.load(path, map_location="cpu").state_dict()
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = safe_load(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear error
-        if "Weights only load failed" in str(exc):
-            reason = "it holds Python objects besides tensors, which are not loaded for safety"
-        else:
-            reason = short_reason(exc)
+        reason = UNSAFE_REASON if isinstance(exc, UnsafeFileError) else short_reason(exc)
         raise PretrainedWeightsError(
             f"MODEL.PRETRAIN_PATH {path} is not a weights file ({reason}): give OpenAI's CLIP "
             "ViT-B-16.pt or a torch/timm state dict of the backbone") from exc

@@ -9,10 +9,17 @@ Epoch checkpoints and ``model_best.pth`` also carry a CRC32 of their content (``
 checked on every load: a file that is complete as a zip archive but damaged inside (bit rot, a
 copy that filled blocks with zeros) is refused instead of silently loading wrong weights. A
 truncated file already fails to load (its zip directory, written last, is missing).
+
+Every checkpoint or weight file is opened by :func:`safe_load` (``weights_only=True``): it
+rebuilds tensors, containers and plain values only, so nothing stored in a file can run. What
+this project writes is made of those types; a file holding other Python objects is refused with
+:class:`UnsafeFileError` (for a checkpoint of an earlier version, whose RNG states hold numpy
+arrays, the message names ``tools/convert_checkpoint.py``, which rewrites it once).
 """
 import errno
 import glob
 import os
+import pickle
 import re
 import zlib
 from typing import Optional, Tuple
@@ -25,6 +32,9 @@ from utils.logger import get_logger
 LAST_POINTER = "last_checkpoint"
 EPOCH_PATTERN = re.compile(r"checkpoint_epoch(\d+)\.pth$")
 CHECKSUM_KEY = "checksum"
+UNSAFE_REASON = "it holds Python objects besides tensors, which are not loaded for safety"
+_BLOCKED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # how torch names the object it refused
+_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*(.+)")
 
 
 def state_checksum(state) -> str:
@@ -108,8 +118,13 @@ def atomic_torch_save(obj, path: str) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def atomic_write_bytes(data: bytes, path: str) -> None:
+    """Write ``data`` to ``path`` via a temporary file + fsync + os.replace."""
+    _atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_write_text(text: str, path: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write_bytes(text.encode("utf-8"), path)
 
 
 def epoch_checkpoints(output_dir: str):
@@ -139,13 +154,64 @@ def short_reason(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def converted_name(path: str) -> str:
+    """Where the conversion command suggested for ``path`` writes: ``<name>.converted.pth``
+    beside it (no epoch-checkpoint name, so ``--resume`` never picks it up by itself)."""
+    return os.path.splitext(path)[0] + ".converted.pth"
+
+
+class UnsafeFileError(Exception):
+    """A checkpoint or weight file holds Python objects besides tensors; it was not loaded and
+    nothing in it ran. Not a RuntimeError, so ``--resume`` stops on it instead of skipping it.
+
+    ``found`` is the object torch refused. A numpy one is what checkpoints of earlier versions
+    hold (their RNG states): the message then gives the conversion command, writing to ``target``
+    (default :func:`converted_name`; the file itself, with ``--overwrite``, for ``--resume``)."""
+
+    def __init__(self, path: str, found: str, target: Optional[str] = None):
+        self.path, self.found = path, found
+        message = f"{path} was not loaded: {UNSAFE_REASON} ({found})"
+        if found.startswith("numpy."):
+            target = target or converted_name(path)
+            overwrite = " --overwrite" if target == path else ""
+            message += (", as checkpoints of earlier versions of this project do (numpy RNG "
+                        "states). If you trust where it came from, convert it once: python "
+                        f"tools/convert_checkpoint.py --from legacy --trust {path} {target}"
+                        f"{overwrite}")
+        else:
+            message += ("; no checkpoint of this project holds one: do not open the file by other "
+                        "means unless you trust where it came from")
+        super().__init__(message)
+
+
+def safe_load(path: str, map_location="cpu"):
+    """The one loader of checkpoint and weight files: ``torch.load(weights_only=True)``.
+
+    Raises :class:`UnsafeFileError` for a file that holds other Python objects (naming the first
+    one torch refused), and ``pickle.UnpicklingError`` with the unpickler's own reason (not
+    torch's advice to turn ``weights_only`` off) for a file torch.save did not write."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        blocked = _BLOCKED_GLOBAL.search(str(exc))
+        if blocked:
+            raise UnsafeFileError(path, blocked.group(1)) from exc
+        detail = _UNPICKLER_ERROR.search(str(exc))
+        if detail:
+            raise pickle.UnpicklingError(f"not a file torch.save wrote: {detail.group(1)}") from exc
+        raise
+
+
 def load_checkpoint_file(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint; a missing file is a FileNotFoundError naming the path, an unreadable or
-    damaged one (checksum mismatch) a RuntimeError naming it."""
+    """Load a checkpoint with :func:`safe_load`; a missing file is a FileNotFoundError naming the
+    path, one holding Python objects an UnsafeFileError, an unreadable or damaged one (checksum
+    mismatch) a RuntimeError naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = safe_load(path, map_location=map_location)
+    except UnsafeFileError:
+        raise
     except Exception as exc:  # torn or foreign file
         raise RuntimeError(f"{path} is not a checkpoint torch can read ({short_reason(exc)}): name a "
                            "checkpoint_epoch<N>.pth or model_best.pth written by train_net.py") from exc
@@ -161,7 +227,9 @@ def find_resume_checkpoint(output_dir: str) -> Optional[Tuple[str, dict]]:
     """The newest epoch checkpoint in ``output_dir`` that loads, as (path, state); None if none.
 
     ``last_checkpoint`` is tried first; any file that does not load (torn write from an older
-    version, disk error) is logged and skipped in favour of the next older one.
+    version, disk error) is logged and skipped in favour of the next older one. A file holding
+    Python objects stops the search (UnsafeFileError suggesting its conversion in place): an
+    older checkpoint would silently lose the newer epochs.
     """
     logger = get_logger()
     candidates = []
@@ -175,6 +243,8 @@ def find_resume_checkpoint(output_dir: str) -> Optional[Tuple[str, dict]]:
             continue
         try:
             state = load_checkpoint_file(path)
+        except UnsafeFileError as exc:
+            raise UnsafeFileError(path, exc.found, target=path) from exc
         except RuntimeError as exc:
             logger.warning("skipping unreadable checkpoint: %s", exc)
             continue

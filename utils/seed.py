@@ -40,10 +40,14 @@ def worker_init_fn(worker_id: int) -> None:
 
 
 def get_rng_state() -> dict:
-    """Snapshot of every RNG the training loop touches (stored in checkpoints)."""
+    """Snapshot of every RNG the training loop touches, in types a ``weights_only`` load accepts
+    (stored in checkpoints): python's state is a tuple of ints, torch's a tensor, and numpy's
+    ``(name, keys, pos, has_gauss, cached_gaussian)`` with the uint32 keys as an int64 tensor."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                  float(cached_gaussian)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -52,9 +56,11 @@ def get_rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore a snapshot taken by :func:`get_rng_state`."""
+    """Restore a snapshot taken by :func:`get_rng_state` (numpy's keys may also be the ndarray
+    that ``np.random.get_state`` returns, as in checkpoints of earlier versions)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

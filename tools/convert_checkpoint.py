@@ -1,0 +1,102 @@
+"""Rewrite a checkpoint that this project refuses to open into one it loads safely.
+
+    python tools/convert_checkpoint.py --from legacy --trust IN OUT [--overwrite]
+
+Every checkpoint and weight file is opened with ``weights_only=True`` (``utils.checkpoint.
+safe_load``): tensors, containers and plain values only, so nothing stored in a file runs. A file
+holding other Python objects is refused, with a message naming this command.
+
+``--from legacy``: a checkpoint written by an earlier version of this project, whose RNG states
+hold numpy arrays. Reading it takes Python's full unpickler, which runs any code stored in the
+file, so it is read only with ``--trust``: say it for a file you wrote yourself or got from
+someone you trust, never for a file from an unknown source. Its checksum is verified, every numpy
+RNG state is rewritten as a tensor and plain values, the result is checked to load with
+``weights_only=True`` (a file holding any other Python object is not converted) and, if the file
+had a checksum, re-checksummed. OUT then works everywhere: TEST.WEIGHT, ``--resume`` (convert
+the folder's newest ``checkpoint_epoch<N>.pth`` in place), the Predictor and the tools.
+
+OUT is written atomically; an existing file, the input included, is replaced only with
+``--overwrite``.
+"""
+import argparse
+import io
+import os
+import sys
+from typing import Dict
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.cli import run_cli  # noqa: E402
+from utils.checkpoint import (CHECKSUM_KEY, UnsafeFileError, atomic_write_bytes, safe_load,  # noqa: E402
+                              state_checksum, with_checksum)
+from utils.seed import get_rng_state  # noqa: E402
+
+
+def read_legacy(path: str) -> Dict:
+    """A checkpoint of an earlier version (full unpickling: only after --trust) with its numpy
+    RNG states in the current form (``utils.seed.get_rng_state``) and its checksum renewed."""
+    state = torch.load(path, map_location="cpu", weights_only=False)  # the user said --trust
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a checkpoint of this project")
+    if CHECKSUM_KEY in state and state_checksum(state) != state[CHECKSUM_KEY]:
+        raise ValueError(f"{path} is damaged (checksum mismatch): not converted")
+    for rng in [state.get("rng")] + list(state.get("rng_per_rank") or []):
+        if isinstance(rng, dict) and "numpy" in rng:
+            np.random.set_state(rng["numpy"])  # this process's generator carries it over
+            rng["numpy"] = get_rng_state()["numpy"]
+    return with_checksum(state) if CHECKSUM_KEY in state else state
+
+
+# --from NAME -> (reader of the input file, whether reading it can run code stored in it)
+SOURCES = {"legacy": (read_legacy, True)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="source", required=True, choices=sorted(SOURCES),
+                        help="what wrote IN: legacy = an earlier version of this project")
+    parser.add_argument("--trust", action="store_true",
+                        help="IN comes from a trusted source: reading it may run code stored in it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT if it exists (OUT may then be IN itself)")
+    parser.add_argument("input", metavar="IN")
+    parser.add_argument("output", metavar="OUT")
+    return parser
+
+
+def main(argv=None) -> str:
+    args = build_parser().parse_args(argv)
+    read, runs_code = SOURCES[args.source]
+    if not os.path.isfile(args.input):
+        raise FileNotFoundError(f"{args.input}: no such file")
+    if os.path.exists(args.output) and not args.overwrite:
+        same = os.path.samefile(args.input, args.output)
+        raise ValueError(f"{args.output} exists{' (it is IN)' if same else ''}: choose "
+                              "another OUT, or add --overwrite to replace it")
+    try:
+        safe_load(args.input)
+    except UnsafeFileError:
+        pass
+    else:
+        raise ValueError(f"{args.input} already loads safely: nothing to convert, use it as it is")
+    if runs_code and not args.trust:
+        raise PermissionError(f"--from {args.source} reads {args.input} with Python's full unpickler, "
+                              "which runs any code stored in the file: add --trust only if you "
+                              "wrote it yourself or trust where it came from")
+    buffer = io.BytesIO()
+    torch.save(read(args.input), buffer)
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(buffer.getvalue()))
+    if unsafe:
+        raise ValueError(f"{args.input} holds Python objects besides those --from {args.source} "
+                         f"converts ({', '.join(unsafe)}): not converted")
+    atomic_write_bytes(buffer.getvalue(), args.output)
+    print(f"converted {args.input} -> {args.output}: it loads with weights_only=True")
+    return args.output
+
+
+if __name__ == "__main__":
+    run_cli(main)
