@@ -17,6 +17,7 @@ from config import build_cfg
 from data.build import build_data
 from engine.evaluator import build_evaluators
 from modeling.heads import HeadOutput
+from modeling.model import build_model
 from conftest import TINY_OPTS
 
 
@@ -127,3 +128,126 @@ def test_msvr310_protocol_removes_same_scene_not_same_camera(protocol_root):
     m = protocol_metrics("MSVR310", protocol_root)
     assert m["num_query"] == 1 and m["num_gallery"] == 3
     assert m["mAP"] == pytest.approx(0.5) and m["R1"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# MODEL: the model build_model makes from the config
+# ---------------------------------------------------------------------------------------------
+def _batch(b=8, cams=4, classes=6, size=(64, 32), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"images": torch.randn(b, 3, 3, *size, generator=g),
+            "camids": torch.arange(b) % cams, "pids": torch.arange(b) // 2 % classes}
+
+
+def _model(cfg):
+    torch.manual_seed(0)
+    return build_model(cfg, 6, 4)
+
+
+def test_backbone_depth_and_drop_path_reach_timm(tiny_cfg):
+    """Breakages: MODEL.BACKBONE_DEPTH not passed (timm's 12 blocks); MODEL.DROP_PATH not passed
+    (every block's DropPath an Identity). timm spreads the rate linearly: the last block gets it."""
+    blocks = _model(tiny_cfg("MODEL.BACKBONE_DEPTH", "2", "MODEL.DROP_PATH", "0.4")).backbone.vit.blocks
+    assert len(blocks) == 2
+    assert blocks[-1].drop_path1.drop_prob == pytest.approx(0.4)
+
+
+def test_proj_dim_sets_the_token_width(tiny_cfg):
+    """Breakage: MODEL.PROJ_DIM not passed (tokens keep the backbone width, 192)."""
+    out = _model(tiny_cfg("MODEL.PROJ_DIM", "24")).eval().forward_features(
+        _batch()["images"], _batch()["camids"])
+    assert out["tokens"].shape[-1] == 24
+
+
+def test_sie_coe_scales_the_camera_embedding(tiny_cfg):
+    """Breakage: MODEL.SIE_COE not passed (1.0): with 0 the camera embedding must not change the
+    features; with 1 it does."""
+    batch = _batch()
+    for coe, camera_matters in (("0.0", False), ("1.0", True)):
+        model = _model(tiny_cfg("MODEL.SIE_CAMERA", "True", "MODEL.SIE_COE", coe)).eval()
+        with torch.no_grad():
+            torch.nn.init.normal_(model.backbone.cam_embed, std=1.0)
+            a = model.forward_features(batch["images"], torch.zeros(8, dtype=torch.long))
+            b = model.forward_features(batch["images"], torch.full((8,), 3))
+        assert torch.equal(a["tokens"], b["tokens"]) != camera_matters
+
+
+def test_reid_loss_options_reach_the_loss(tiny_cfg):
+    """The run's loss equals the formula with the config's values, for the ori head:
+    ID_LOSS_WEIGHT x CE(label smoothing LABEL_SMOOTH) and TRIPLET_LOSS_WEIGHT x mean
+    relu(d_ap - d_an + TRIPLET_MARGIN) (TRIPLET_SOFT_MARGIN False). Breakages: any of the five
+    keys not passed to ReIDLoss, or two of them swapped (ID and triplet weights, smoothing and
+    margin); TRIPLET_SOFT_MARGIN inverted."""
+    cfg = tiny_cfg("MODEL.ID_LOSS_WEIGHT", "0.7", "MODEL.TRIPLET_LOSS_WEIGHT", "1.3",
+                   "MODEL.LABEL_SMOOTH", "0.2", "MODEL.TRIPLET_MARGIN", "5.0",
+                   "MODEL.TRIPLET_SOFT_MARGIN", "False")
+    model, batch = _model(cfg).train(), _batch()
+    with torch.no_grad():
+        outputs = model.forward_features(batch["images"], batch["camids"])
+        losses = model.losses(outputs, batch["pids"])["losses"]
+    head, pids = outputs["heads"]["ori"], batch["pids"]
+    ce = torch.nn.functional.cross_entropy(head.logits.float(), pids, label_smoothing=0.2)
+    dist = torch.cdist(head.feat.float(), head.feat.float())
+    same = pids[:, None] == pids[None, :]
+    d_ap = dist.masked_fill(~same, -1.0).max(1).values
+    d_an = dist.masked_fill(same, float("inf")).min(1).values
+    triplet = torch.relu(d_ap - d_an + 5.0).mean()
+    assert float(losses["ori/id"]) == pytest.approx(0.7 * float(ce), rel=1e-5)
+    assert float(losses["ori/triplet"]) == pytest.approx(1.3 * float(triplet), rel=1e-4)
+
+
+def test_atmoe_heads_reach_the_experts(tiny_cfg):
+    """Breakage: MODEL.ATMOE.HEADS not passed to ATMoE (its default): the experts are per head."""
+    model = _model(tiny_cfg("MODEL.HDM.ENABLED", "True", "MODEL.ATMOE.ENABLED", "True",
+                            "MODEL.ATMOE.HEADS", "3", "MODEL.PROJ_DIM", "24"))
+    assert model.atmoe.expert_weight.shape[:2] == (7, 3)
+
+
+def test_hdm_heads_reach_its_attention(tiny_cfg):
+    """Breakage: MODEL.HDM.NUM_HEADS not passed to HDM (8)."""
+    model = _model(tiny_cfg("MODEL.HDM.ENABLED", "True", "MODEL.HDM.NUM_HEADS", "3",
+                            "MODEL.PROJ_DIM", "24"))
+    assert model.hdm.num_heads == 3
+    assert all(getattr(a, "num_heads", 3) == 3 for a in model.hdm.attn)
+
+
+SDTPS = ("MODEL.SELECTION.NAME", "sdtps", "MODEL.FUSION.NAME", "mean")
+
+
+@pytest.mark.parametrize("ratio,kept", [("0.25", 2), ("0.5", 4)])
+def test_sdtps_sparse_ratio_sets_the_kept_patches(tiny_cfg, ratio, kept):
+    """64x32 images: 8 patches; K = ceil(8 x ratio) per modality. Breakage:
+    MODEL.SDTPS.SPARSE_RATIO not passed (0.7: 6 kept)."""
+    model = _model(tiny_cfg(*SDTPS, "MODEL.SDTPS.SPARSE_RATIO", ratio)).eval()
+    out = model.forward_features(_batch()["images"], _batch()["camids"])
+    assert (out["keep_mask"].sum(-1) == kept).all()
+
+
+def test_sdtps_gate_init_and_heads_reach_the_gates(tiny_cfg):
+    """Breakages: MODEL.SDTPS.GATE_INIT_SCALE passed as the bias (or the two swapped),
+    GATE_INIT_BIAS not passed, NUM_HEADS not passed (4)."""
+    model = _model(tiny_cfg(*SDTPS, "MODEL.SDTPS.GATE_INIT_SCALE", "0.3",
+                            "MODEL.SDTPS.GATE_INIT_BIAS", "-0.6", "MODEL.SDTPS.NUM_HEADS", "2"))
+    assert model.sdtps.gate_scale.shape[-1] == 2
+    assert torch.all(model.sdtps.gate_scale == torch.tensor(0.3))
+    assert torch.all(model.sdtps.gate_bias == torch.tensor(-0.6))
+
+
+@pytest.mark.parametrize("key,value", [("MODEL.SDTPS.GATE_NORM", "heads"),
+                                       ("MODEL.SDTPS.GATE_NORM", "patches"),
+                                       ("MODEL.SDTPS.RENORM_ATTN", "True"),
+                                       ("MODEL.SDTPS.SCORE_COMBINE", "learned")])
+def test_sdtps_options_change_the_selection_scores(tiny_cfg, key, value):
+    """The same weights and input give other SDTPS scores with the option set. Breakages:
+    GATE_NORM, RENORM_ATTN or SCORE_COMBINE not passed to SDTPS (their defaults)."""
+    batch = _batch()
+
+    def scores(*opts):
+        model = _model(tiny_cfg(*SDTPS, *opts)).eval()
+        with torch.no_grad():
+            if model.sdtps.combine_logits is not None:  # learned combination: away from uniform
+                model.sdtps.combine_logits.copy_(torch.arange(9.0).view(3, 3))
+            return model.forward_features(batch["images"], batch["camids"])["selection"].scores
+
+    plain = scores()
+    assert not torch.allclose(plain, scores(key, value))
