@@ -8,6 +8,8 @@ A batch is a dict:
     camids  (B,) long              0-based
     sceneids (B,) long             MSVR310 scenes, -1 elsewhere
     index   (B,) long              position of the sample in its split list
+    seed    (B,) long              training: each sample's augmentation seed (AugmentKeySampler);
+                                   INPUT.AUG_DEVICE model draws the batch's from the first
     masks   (B, H, W) float        foreground masks (evaluation of the synthetic dataset only)
     num_skipped int                unreadable images skipped in this batch (SKIP_BAD_IMAGES)
 """
@@ -22,7 +24,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from data.cache import CachedBatches, DecodedImageCache, identity_collate
 from data.datasets import BadImageError, ReIDDataset, Sample, build_dataset_from_config, read_triplet
-from data.samplers import RandomIdentitySampler, ShardSampler
+from data.samplers import AugmentKeySampler, RandomIdentitySampler, ShardSampler
 from data.transforms import (BatchTrainAugment, TriModalTestTransform, TriModalTrainTransform,
                              mask_to_tensor, pil_triplet_to_tensor, pil_triplet_to_uint8)
 from utils.logger import get_logger
@@ -31,7 +33,9 @@ from utils.seed import worker_init_fn
 
 class TriModalImageDataset(Dataset):
     """Reads RGB/NI/TI triplets of ``samples`` and applies ``transform`` to (3, 3, H, W) floats in
-    [0, 1]; without a transform the images stay uint8 (3, 3, H, W)."""
+    [0, 1]; without a transform the images stay uint8 (3, 3, H, W). ``dataset[index]``, or
+    ``dataset[(index, seed)]`` (training: ``AugmentKeySampler``), which draws the transform's
+    randomness from ``seed``."""
 
     def __init__(self, samples: List[Sample], size, transform, with_masks: bool = False,
                  skip_bad_images: bool = False, interpolation: str = "bilinear"):
@@ -45,7 +49,8 @@ class TriModalImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Optional[dict]:
+    def __getitem__(self, key) -> Optional[dict]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         sample = self.samples[index]
         try:
             images = read_triplet(sample)
@@ -57,8 +62,11 @@ class TriModalImageDataset(Dataset):
             return None
         if self.transform is None:
             pixels = pil_triplet_to_uint8(images, self.size, self.interpolation)
-        else:
+        elif seed is None:
             pixels = self.transform(pil_triplet_to_tensor(images, self.size, self.interpolation))
+        else:
+            pixels = self.transform(pil_triplet_to_tensor(images, self.size, self.interpolation),
+                                    seed)
         item = {
             "images": pixels,
             "pids": sample.pid,
@@ -66,6 +74,8 @@ class TriModalImageDataset(Dataset):
             "sceneids": sample.sceneid,
             "index": index,
         }
+        if seed is not None:
+            item["seed"] = seed
         if self.with_masks and sample.mask_path:
             with Image.open(sample.mask_path) as mask:
                 item["masks"] = mask_to_tensor(mask, self.size)
@@ -189,7 +199,7 @@ def build_data(cfg, rank: int = 0, world_size: int = 1,
         train_loader = DataLoader(
             CachedBatches(cache, None if on_device else BatchTrainAugment(*aug)),
             batch_size=None,
-            sampler=BatchSampler(sampler, per_rank_batch, drop_last=True),
+            sampler=BatchSampler(AugmentKeySampler(sampler), per_rank_batch, drop_last=True),
             num_workers=0,  # a gather from memory: nothing to parallelise
             collate_fn=identity_collate,
             generator=torch.Generator(),
@@ -201,7 +211,7 @@ def build_data(cfg, rank: int = 0, world_size: int = 1,
                                  None if on_device else TriModalTrainTransform(*aug), False,
                                  cfg.DATALOADER.SKIP_BAD_IMAGES, cfg.INPUT.TRAIN_INTERPOLATION),
             batch_size=per_rank_batch,
-            sampler=sampler,
+            sampler=AugmentKeySampler(sampler),
             num_workers=cfg.DATALOADER.NUM_WORKERS,
             collate_fn=collate_skipping,
             worker_init_fn=worker_init_fn,

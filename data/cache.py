@@ -13,7 +13,7 @@ training process; it is checked against the available host memory before anythin
 import os
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -125,24 +125,30 @@ class DecodedImageCache:
         self.images = self.images.to(device)
         get_logger().info("decoded-image cache moved to %s (%s)", device, format_bytes(self.nbytes))
 
-    def gather(self, indices: List[int]) -> dict:
-        """The batch of ``indices`` as ``data.build`` documents it, images uint8 (B, 3, 3, H, W);
-        unreadable samples are dropped and counted in ``num_skipped``."""
+    def gather(self, indices: List[int], seeds: Optional[List[int]] = None) -> dict:
+        """The batch of ``indices`` (with their augmentation ``seeds``) as ``data.build``
+        documents it, images uint8 (B, 3, 3, H, W); unreadable samples are dropped and counted in
+        ``num_skipped``."""
         index = torch.as_tensor(indices, dtype=torch.long)
-        keep = index[self.valid[index]]
+        valid = self.valid[index]
+        keep = index[valid]
         batch = {"num_skipped": len(index) - len(keep)}
         if len(keep) == 0:
             return batch
         images = self.images.index_select(0, keep.to(self.images.device))
         batch.update(images=images, pids=self.pids[keep], camids=self.camids[keep],
                      sceneids=self.sceneids[keep], index=keep)
+        if seeds is not None:
+            batch["seed"] = torch.as_tensor(seeds, dtype=torch.long)[valid]
         return batch
 
 
 class CachedBatches(Dataset):
-    """Map-style dataset of whole batches: ``dataset[list of indices]`` -> a gathered batch,
-    augmented by ``augment`` (uint8 -> normalised float) when given (``INPUT.AUG_DEVICE loader``).
-    Used with a ``BatchSampler`` and ``batch_size=None``."""
+    """Map-style dataset of whole batches: ``dataset[list of (index, seed)]`` (a ``BatchSampler``
+    over ``AugmentKeySampler``, with ``batch_size=None``) -> a gathered batch, augmented by
+    ``augment`` (uint8 -> normalised float; ``INPUT.AUG_DEVICE loader``) with draws from the first
+    sample's seed, a function of (SOLVER.SEED, epoch, position of the batch) only. The batch's
+    ``seed`` (B,) int64 holds the samples' seeds (``INPUT.AUG_DEVICE model`` draws from it)."""
 
     def __init__(self, cache: DecodedImageCache, augment=None):
         self.cache = cache
@@ -151,10 +157,11 @@ class CachedBatches(Dataset):
     def __len__(self) -> int:
         return len(self.cache.samples)
 
-    def __getitem__(self, indices: List[int]) -> dict:
-        batch = self.cache.gather(indices)
+    def __getitem__(self, keys: List[Tuple[int, int]]) -> dict:
+        indices, seeds = zip(*keys)
+        batch = self.cache.gather(list(indices), list(seeds))
         if self.augment is not None and "images" in batch:
-            batch["images"] = self.augment(batch["images"])
+            batch["images"] = self.augment(batch["images"], int(batch["seed"][0]))
         return batch
 
 

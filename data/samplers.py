@@ -5,12 +5,13 @@ slice of each global batch (whole identities), so the global batch equals
 ``SOLVER.IMS_PER_BATCH`` and no two ranks draw the same identity group in a step.
 """
 from collections import defaultdict
-from typing import Iterator, List, Sequence
+from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 from torch.utils.data import Sampler
 
 from utils.logger import get_logger
+from utils.seed import derive_seed
 
 
 class RandomIdentitySampler(Sampler[int]):
@@ -86,16 +87,40 @@ class RandomIdentitySampler(Sampler[int]):
             available = [p for p in available if chunks[p]]
         return batches
 
+    def keyed(self) -> Iterator[Tuple[int, int]]:
+        """(position in the epoch's global index list, dataset index) of this rank's samples."""
+        global_batch = self.num_pids_per_batch * self.num_instances
+        start = self.rank * self._per_rank_batch
+        for b, batch in enumerate(self._global_batches(self.epoch)):
+            for j, index in enumerate(batch[start:start + self._per_rank_batch]):
+                yield b * global_batch + start + j, index
+
     def __iter__(self) -> Iterator[int]:
-        per_rank = self.num_pids_per_batch // self.world_size * self.num_instances
-        for batch in self._global_batches(self.epoch):
-            yield from batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return (index for _, index in self.keyed())
 
     def __len__(self) -> int:
         """Indices of this rank in the current epoch (the batch count varies a little by epoch)."""
         if self.epoch not in self._lengths:
             self._lengths[self.epoch] = len(self._global_batches(self.epoch)) * self._per_rank_batch
         return self._lengths[self.epoch]
+
+
+class AugmentKeySampler(Sampler[Tuple[int, int]]):
+    """Yields (dataset index, augmentation seed) for the indices of ``sampler`` (an epoch-aware
+    :class:`RandomIdentitySampler`): the seed is ``derive_seed(seed, epoch, position)``, a
+    function of the sample's position in the epoch's global index list only. The training
+    dataset draws the sample's augmentation from it, so a config and seed give the same images
+    for any DATALOADER.NUM_WORKERS, and ranks of a multi-process run the images of one process."""
+
+    def __init__(self, sampler: RandomIdentitySampler):
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        s = self.sampler
+        return ((index, derive_seed(s.seed, s.epoch, position)) for position, index in s.keyed())
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 class ShardSampler(Sampler[int]):

@@ -7,12 +7,16 @@ training augmentation (flip, zero pad + random crop, normalise, random erasing):
   ``sync=True`` (``INPUT.SYNC_MODALITY_AUG``) the flip and pad+crop draw ONE set of parameters per
   sample for all three modalities (pixel-aligned modalities stay aligned); with ``sync=False``
   (DeMo) each modality draws its own. Random erasing is timm's ``RandomErasing`` (one box,
-  per-pixel N(0, 1) values), always drawn per modality. Flip and crop draw from torch's RNG,
-  erasing from python's and torch's; the loader seeds both per worker.
+  per-pixel N(0, 1) values), always drawn per modality. Called with a sample's ``seed`` (the
+  training loader passes one per sample, a function of (SOLVER.SEED, epoch, position in the
+  epoch) only: ``data.samplers.AugmentKeySampler``), each modality's draws, and the shared flip
+  and crop, come from their own stream derived from it, so the result does not depend on which
+  loader worker or process computes it; without a seed they come from the global RNGs.
 * batched (``BatchTrainAugment``, ``INPUT.AUG_DEVICE model`` or ``DATALOADER.CACHE memory``):
-  uint8 batches (B, 3, 3, H, W) on any device, the same parameter distribution drawn with torch's
-  RNG of that device (``draw``), applied by gathers and masks (``apply``). Given the same
-  parameters both give the same output (tests/test_batch_augment.py).
+  uint8 batches (B, 3, 3, H, W) on any device, the same parameter distribution drawn from the
+  batch's seed (its first sample's) on that device (``draw``), applied by gathers and masks
+  (``apply``). Given the same parameters both give the same output
+  (tests/test_batch_augment.py).
 """
 import math
 from typing import NamedTuple, Optional, Sequence
@@ -22,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from timm.data.random_erasing import RandomErasing
+
+from utils.seed import derive_seed, seeded_rng
 
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
@@ -89,13 +95,25 @@ class TriModalTrainTransform:
             left = int(torch.randint(0, 2 * self.padding + 1, ()))
         return flip_pad_crop(x, flip, self.padding, top, left)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    SHARED = 3  # stream of the flip and crop shared by the modalities (``sync``); 0-2: per modality
+
+    def __call__(self, x: torch.Tensor, seed: Optional[int] = None) -> torch.Tensor:
+        """x (3, 3, H, W) in [0, 1] -> augmented, normalised (3, 3, H, W). With ``seed`` the
+        draws of modality m come from ``derive_seed(seed, m)`` (shared flip and crop: from
+        ``derive_seed(seed, SHARED)``) and the caller's RNGs are left as they were."""
+        def stream(m):
+            return seeded_rng(None if seed is None else derive_seed(seed, m))
+
         if self.sync:
-            x = self._flip_crop(x)
-        else:
-            x = torch.stack([self._flip_crop(m.unsqueeze(0))[0] for m in x])
-        x = (x - self.mean) / self.std
-        return self.erase(x)  # (3, 3, H, W): one independent draw per modality
+            with stream(self.SHARED):
+                x = self._flip_crop(x)
+        out = []
+        for m in range(x.shape[0]):
+            with stream(m):
+                xm = x[m : m + 1] if self.sync else self._flip_crop(x[m : m + 1])
+                xm = (xm - self.mean) / self.std
+                out.append(self.erase(xm[0]))  # one independent erasing draw per modality
+        return torch.stack(out)
 
 
 class TriModalTestTransform:
@@ -148,6 +166,7 @@ class BatchTrainAugment:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 1, 3, 1, 1)
         self.sync = sync
+        self._generator: Optional[torch.Generator] = None
 
     def draw(self, batch: int, height: int, width: int, device,
              generator: Optional[torch.Generator] = None) -> AugmentParams:
@@ -206,6 +225,13 @@ class BatchTrainAugment:
                                         out[params.erase])
         return out
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        params = self.draw(x.shape[0], x.shape[-2], x.shape[-1], x.device)
+    def __call__(self, x: torch.Tensor, seed: Optional[int] = None) -> torch.Tensor:
+        """Draw the batch's parameters (from a generator of x's device seeded with ``seed``; None:
+        from the device's RNG) and apply them."""
+        generator = None
+        if seed is not None:
+            if self._generator is None or self._generator.device != x.device:
+                self._generator = torch.Generator(device=x.device)
+            generator = self._generator.manual_seed(seed)
+        params = self.draw(x.shape[0], x.shape[-2], x.shape[-1], x.device, generator)
         return self.apply(x, params)

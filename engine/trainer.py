@@ -201,7 +201,8 @@ class Trainer:
         inputs = {key: batch[key].to(self.device, non_blocking=True)
                   for key in ("images", "camids", "pids")}
         if self.data.train_augment is not None:  # INPUT.AUG_DEVICE model: uint8 -> augmented
-            inputs["images"] = self.data.train_augment(inputs["images"])
+            # drawn from the batch's key (a host tensor), not from the stream of dropout & co.
+            inputs["images"] = self.data.train_augment(inputs["images"], int(batch["seed"][0]))
         with autocast_context(self.device, self.amp):
             out = self.train_model(inputs)
             loss = sum(out["losses"].values())
@@ -286,8 +287,8 @@ class Trainer:
         for iteration, batch in enumerate(bar):
             if iteration < skip:  # already trained on before the interruption
                 if iteration == skip - 1 and self.resume_rng is not None:
-                    # restore before the next batch is loaded: with NUM_WORKERS 0 its
-                    # augmentation draws from the same RNG as the training step
+                    # dropout & co. continue the interrupted run's streams (the augmentation
+                    # is keyed per sample and needs no state)
                     set_rng_state(self.resume_rng)
                     self.resume_rng = None
                 continue

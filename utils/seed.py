@@ -2,6 +2,8 @@
 import os
 import random
 import signal
+from contextlib import contextmanager
+from typing import Optional
 
 import numpy as np
 import torch
@@ -12,6 +14,32 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def derive_seed(*key: int) -> int:
+    """A seed in [0, 2**63) that depends only on the integers ``key`` (numpy's SeedSequence
+    hash): distinct keys give unrelated streams. Keys the augmentation of a sample by
+    (SOLVER.SEED, epoch, position in the epoch, modality), so no worker or process owns it."""
+    entropy = [int(k) % 2**64 for k in key]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+@contextmanager
+def seeded_rng(seed: Optional[int]):
+    """Inside the block python's ``random`` and torch's CPU generator draw from ``seed``; after
+    it both continue exactly as before (the caller's streams are not consumed). ``None``: the
+    block draws from the caller's streams as they are."""
+    if seed is None:
+        yield
+        return
+    python_state, torch_state = random.getstate(), torch.get_rng_state()
+    random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        torch.set_rng_state(torch_state)
 
 
 def set_deterministic(enabled: bool) -> None:
@@ -26,8 +54,8 @@ def set_deterministic(enabled: bool) -> None:
 def worker_init_fn(worker_id: int) -> None:
     """Seed python and numpy in a data-loader worker from torch's per-worker seed.
 
-    torch already seeds each worker from the loader's generator, so seeding the generator per
-    epoch makes the workers' augmentations reproducible too.
+    The training augmentation does not draw from these streams (it is keyed per sample, see
+    ``derive_seed``); a user transform that does is reproducible for a fixed worker count.
 
     Workers ignore SIGTERM: a scheduler that pre-empts a job signals every process of it, and a
     worker killed that way would crash the main process before it writes its SIGTERM checkpoint.
