@@ -251,3 +251,149 @@ def test_sdtps_options_change_the_selection_scores(tiny_cfg, key, value):
 
     plain = scores()
     assert not torch.allclose(plain, scores(key, value))
+
+
+def test_dgaf_tau_and_init_alpha_reach_dgaf(tiny_cfg):
+    """Breakages: MODEL.DGAF.TAU not passed (1.0: the entropy gate's temperature);
+    MODEL.DGAF.INIT_ALPHA not passed (0.5), or passed as 1 - alpha."""
+    model = _model(tiny_cfg("MODEL.SELECTION.NAME", "sdtps", "MODEL.FUSION.NAME", "dgaf",
+                            "MODEL.DGAF.TAU", "2.5", "MODEL.DGAF.INIT_ALPHA", "0.3",
+                            "MODEL.DGAF.NUM_HEADS", "2"))
+    assert model.dgaf.tau == 2.5
+    assert float(torch.sigmoid(model.dgaf.alpha_logit.detach())) == pytest.approx(0.3)
+
+
+# ---------------------------------------------------------------------------------------------
+# INPUT, DATASETS, DATALOADER: the loaders build_data makes from the config
+# ---------------------------------------------------------------------------------------------
+NO_AUG = ("INPUT.FLIP_PROB", "0.0", "INPUT.PADDING", "0", "INPUT.RE_PROB", "0.0",
+          "INPUT.PIXEL_MEAN", "[0.3, 0.4, 0.5]", "INPUT.PIXEL_STD", "[0.2, 0.25, 0.3]",
+          "INPUT.TRAIN_INTERPOLATION", "bilinear", "INPUT.SIZE_TRAIN", "[48, 24]")
+AUG_PATHS = {"loader": (), "model": ("INPUT.AUG_DEVICE", "model"), "cache": ("DATALOADER.CACHE", "memory")}
+
+
+def train_batch(cfg):
+    """(augmented normalised images (B, 3, 3, H, W), the same samples read, resized with
+    INPUT.TRAIN_INTERPOLATION and normalised, unaugmented) of the run's first training batch."""
+    from data.datasets import read_triplet
+    from data.transforms import pil_triplet_to_tensor
+
+    data = build_data(cfg)
+    batch = next(iter(data.train_loader))
+    images = batch["images"]
+    if data.train_augment is not None:
+        images = data.train_augment(images)
+    mean = torch.tensor(cfg.INPUT.PIXEL_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.INPUT.PIXEL_STD).view(1, 3, 1, 1)
+    plain = torch.stack([(pil_triplet_to_tensor(read_triplet(data.dataset.train[i]), cfg.INPUT.SIZE_TRAIN,
+                                                cfg.INPUT.TRAIN_INTERPOLATION) - mean) / std
+                         for i in batch["index"].tolist()])
+    return images, plain, batch
+
+
+@pytest.mark.parametrize("path", AUG_PATHS)
+def test_without_augmentation_training_images_are_the_normalised_images(tiny_cfg, path):
+    """FLIP_PROB 0, PADDING 0, RE_PROB 0: the training batch is exactly the resized, normalised
+    images. Breakages: FLIP_PROB, PADDING or RE_PROB not passed (their defaults augment);
+    PIXEL_MEAN / PIXEL_STD not passed or swapped; SIZE_TRAIN not used for training images."""
+    images, plain, _ = train_batch(tiny_cfg(*NO_AUG, *AUG_PATHS[path]))
+    assert images.shape[-2:] == (48, 24)
+    assert torch.allclose(images, plain, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", AUG_PATHS)
+def test_flip_prob_one_mirrors_every_training_image(tiny_cfg, path):
+    """Breakages: INPUT.FLIP_PROB not passed, or inverted (1 - p: no flip)."""
+    images, plain, _ = train_batch(tiny_cfg(*NO_AUG, "INPUT.FLIP_PROB", "1.0", *AUG_PATHS[path]))
+    assert torch.allclose(images, plain.flip(-1), atol=1e-5)
+
+
+def test_train_interpolation_reaches_the_training_resize(tiny_cfg):
+    """Images resized from 64x32 to 48x24: bicubic differs from bilinear. Breakage:
+    INPUT.TRAIN_INTERPOLATION not passed (the training images resized bilinearly)."""
+    images, plain, _ = train_batch(tiny_cfg(*NO_AUG, "INPUT.TRAIN_INTERPOLATION", "bicubic"))
+    assert torch.allclose(images, plain, atol=1e-5)  # plain: resized bicubic too
+    bilinear, _, _ = train_batch(tiny_cfg(*NO_AUG))
+    assert not torch.allclose(images, bilinear, atol=1e-3)
+
+
+def test_padding_shifts_every_image_by_at_most_padding(tiny_cfg):
+    """INPUT.PADDING 3: every training image is the plain image shifted by (dy, dx) in [-3, 3]^2,
+    zero-padded (-mean / std after normalisation), and some shift is not zero. Breakages: PADDING
+    not passed (10: shifts up to 10; or 0: none)."""
+    cfg = tiny_cfg(*NO_AUG, "INPUT.PADDING", "3")
+    images, plain, _ = train_batch(cfg)
+    fill = (-torch.tensor(cfg.INPUT.PIXEL_MEAN) / torch.tensor(cfg.INPUT.PIXEL_STD)).view(3, 1, 1)
+    shifts = []
+    for got, ref in zip(images.flatten(0, 1), plain.flatten(0, 1)):
+        padded = torch.nn.functional.pad(ref - fill, (3, 3, 3, 3)) + fill
+        found = [(dy, dx) for dy in range(7) for dx in range(7)
+                 if torch.allclose(padded[:, dy:dy + 48, dx:dx + 24], got, atol=1e-5)]
+        assert found, "a training image is no shift of its image within INPUT.PADDING"
+        shifts.append(found[0])
+    assert any(s != (3, 3) for s in shifts)
+
+
+def test_random_erasing_prob_and_area(tiny_cfg):
+    """RE_PROB 1 erases one box in every image, of RE_AREA's share: with [0.25, 0.25] about a
+    quarter of the pixels change (box sides rounded: 0.15-0.35). Breakages: INPUT.RE_PROB not
+    passed (0.5: some images unchanged); INPUT.RE_AREA not passed ([0.02, 1/3])."""
+    images, plain, _ = train_batch(tiny_cfg(*NO_AUG, "INPUT.RE_PROB", "1.0", "INPUT.RE_AREA",
+                                            "[0.25, 0.25]"))
+    changed = (images != plain).any(dim=2).float().mean(dim=(-2, -1))  # (B, 3) per modality
+    assert ((changed > 0.15) & (changed < 0.35)).all(), changed
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_sync_modality_aug_shares_the_flip(tiny_cfg, sync):
+    """FLIP_PROB 0.5: with SYNC_MODALITY_AUG the three modalities of every sample are all flipped
+    or all not; without, some sample's modalities differ (8 samples: all agreeing by chance has
+    probability 4^-8, and the run is seeded). Breakage: INPUT.SYNC_MODALITY_AUG not passed or
+    inverted."""
+    images, plain, _ = train_batch(tiny_cfg(*NO_AUG, "INPUT.FLIP_PROB", "0.5",
+                                            "INPUT.SYNC_MODALITY_AUG", str(sync)))
+    flipped = torch.tensor([[not torch.allclose(images[b, m], plain[b, m], atol=1e-5)
+                             for m in range(3)] for b in range(len(images))])
+    for b in range(len(images)):  # each modality is either plain or mirrored
+        for m in range(3):
+            ref = plain[b, m].flip(-1) if flipped[b, m] else plain[b, m]
+            assert torch.allclose(images[b, m], ref, atol=1e-5)
+    agree = (flipped == flipped[:, :1]).all(dim=1)
+    assert bool(agree.all()) == sync
+
+
+def test_num_instance_sets_the_instances_per_identity(tiny_cfg):
+    """Breakage: DATALOADER.NUM_INSTANCE not passed to the identity sampler."""
+    cfg = tiny_cfg("DATALOADER.NUM_INSTANCE", "3", "SOLVER.IMS_PER_BATCH", "6")
+    for batch in build_data(cfg).train_loader:
+        counts = torch.bincount(batch["pids"])
+        assert sorted(counts[counts > 0].tolist()) == [3, 3]
+
+
+def test_loader_sizes_and_workers(tiny_cfg):
+    """Breakages: TEST.IMS_PER_BATCH not passed to the evaluation loader, DATALOADER.NUM_WORKERS
+    not passed to the loaders."""
+    data = build_data(tiny_cfg("TEST.IMS_PER_BATCH", "5", "DATALOADER.NUM_WORKERS", "1"))
+    loader = data.eval_sets["test"].loader
+    assert loader.batch_size == 5 and len(next(iter(loader))["pids"]) == 5
+    assert loader.num_workers == 1 and data.train_loader.num_workers == 1
+
+
+def test_val_ids_carve_identities_out_of_training(tiny_cfg):
+    """DATASETS.VAL_IDS 2 of the 6 training identities: 4 classes; a val split of 2 identities,
+    none of them trained on. Breakage: VAL_IDS not passed to the split (no val set)."""
+    data = build_data(tiny_cfg("DATASETS.VAL_IDS", "2"))
+    assert data.num_classes == 4
+    val = data.eval_sets["val"]
+    assert len({s.pid for s in val.samples}) == 2 and val.shared
+    train_paths = {s.paths for s in data.dataset.train} - {s.paths for s in val.samples}
+    assert len(train_paths) == 4 * 6
+
+
+def test_synthetic_options_reach_the_generator(tiny_cfg):
+    """The tiny synthetic dataset built from the config's DATASETS.SYNTHETIC keys: 6 training and
+    4 test identities, 6 triplets each, 64x32. Breakage: a DATASETS.SYNTHETIC key not passed to
+    the generator (the defaults would not match the generated folder: an error)."""
+    data = build_data(tiny_cfg())
+    assert data.num_classes == 6 and len(data.dataset.train) == 36
+    assert len({s.pid for s in data.dataset.query}) == 4 and len(data.dataset.query) == 24
