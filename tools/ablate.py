@@ -12,6 +12,7 @@ A grid file (yaml) names a base config, common overrides, the rows and the seeds
     base: configs/Synthetic/quickstart.yml   # relative to the working directory or the repo root
     opts: [SOLVER.MAX_EPOCHS, 8, DATASETS.VAL_IDS, 10]   # KEY VALUE list (or a mapping)
     seeds: [1, 2, 3]                          # each seed sets SOLVER.SEED
+    reference: mean_fusion                    # optional: the row the others are compared with
     rows:
       - name: mean_fusion
         opts: [MODEL.FUSION.NAME, mean]       # overrides the common opts
@@ -64,6 +65,15 @@ Results go to ``<output>/results.csv`` and ``<output>/results.md``, one line per
   the 2-decimal count logged by train_net.py when the dataset is not readable here);
 * ``train_seconds_mean``: mean of summary.json's ``train_seconds`` (a resumed run counts only its
   final attempt: such rows are flagged).
+* statistics of the last epoch's test metrics (``tools/ablation/stats.py``, scipy's t
+  distribution): the 95 % confidence interval of the mean (t with n-1 degrees of freedom;
+  ``<metric>_ci_low/high``); against the grid's ``reference`` row, the difference of the means
+  with its 95 % interval and Welch's two-sided p-value (Welch-Satterthwaite degrees of freedom;
+  ``<metric>_diff``, ``_diff_low/high``, ``_p``), Holm-adjusted over the grid's other rows for each
+  metric (``<metric>_p_holm``); with fewer than 2 seeds in a row (or in the reference) these are
+  n/a (``-`` in results.md);
+* ``<metric>_inflation``: the paper protocol's test metric minus the last epoch's, mean over the
+  seeds (how much selecting the epoch on the test split flatters the row).
 
 results.csv holds fractions (0-1, as in summary.json) at full precision; results.md shows
 percent with 2 decimals, the command line that produced it and the date. ``--dry_run`` validates
@@ -71,7 +81,8 @@ the grid and prints what would run (and the commands) without touching anything.
 
 This file is the command line; the work is done by ``tools/ablation/``: ``grid.py`` (the grid
 file), ``plan.py`` (runs, folder states, stamps), ``launch.py`` (local and Slurm launchers),
-``aggregate.py`` (summary.json values per row), ``stats.py`` (statistics), ``report.py`` (tables).
+``aggregate.py`` (summary.json values per row), ``stats.py`` (statistics: intervals,
+Welch p-values, Holm), ``report.py`` (tables).
 """
 
 import argparse

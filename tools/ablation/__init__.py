@@ -4,6 +4,6 @@
 * ``plan.py``: a grid's runs (resolved configs, hashes, run folders and their states, stamps);
 * ``launch.py``: training the runs here (``--max-parallel``) or as a Slurm array (submitit);
 * ``aggregate.py``: the summary.json values of the finished runs -> one table line per row;
-* ``stats.py``: the statistics over seeds (mean, standard deviation);
+* ``stats.py``: the statistics over seeds: mean, std, 95 % intervals, Welch's t-test p-values, Holm;
 * ``report.py``: results.csv and results.md.
 """

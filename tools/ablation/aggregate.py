@@ -1,4 +1,6 @@
-"""The finished runs' summary.json values -> one line per grid row (mean and std over the seeds)."""
+"""The finished runs' summary.json values -> one line per grid row: mean and std over the seeds,
+the 95 % interval of the last epoch's mean, the difference from the grid's reference row (Welch,
+Holm-adjusted p) and the paper protocol's inflation (computed in ``stats.py``)."""
 import contextlib
 import os
 import re
@@ -8,7 +10,7 @@ from typing import List, Optional
 from config import build_cfg
 from tools.ablation.grid import Grid
 from tools.ablation.plan import RUN_LOG, STAMP, Run, inspect_run, read_json
-from tools.ablation.stats import mean_std
+from tools.ablation.stats import holm, mean_std, t_interval, welch
 
 METRICS = ("mAP", "R1", "R5", "R10", "mINP")
 # Kept-token foreground precision (synthetic dataset, models with SDTPS): the share of kept
@@ -55,10 +57,11 @@ def run_params(folder: str) -> Optional[float]:
 
 
 def aggregate(grid: Grid, runs: List[Run], with_params: bool = True) -> List[dict]:
-    """One dict per row: the mean/std columns of results.csv (fractions; None = n/a)."""
-    table = []
+    """One dict per row: the columns of results.csv (fractions; None = n/a)."""
+    table, lasts_by_row = [], {}
     for row in grid.rows:
         lasts, bests, best_epochs, seconds, seeds, missing, papers = [], [], [], [], [], [], []
+        inflations = []  # per seed: the paper protocol's test metrics minus the last epoch's
         all_val, resumed, params = True, False, None
         for run in runs:
             if run.row.name != row.name:
@@ -71,6 +74,7 @@ def aggregate(grid: Grid, runs: List[Run], with_params: bool = True) -> List[dic
             paper = summary.get("best_test_paper_protocol") or {}
             if paper.get("metrics"):
                 papers.append(paper["metrics"])
+                inflations.append({k: paper["metrics"][k] - last[k] for k in METRICS})
             seeds.append(run.seed)
             lasts.append(last)
             seconds.append(float(summary.get("train_seconds", float("nan"))))
@@ -87,6 +91,8 @@ def aggregate(grid: Grid, runs: List[Run], with_params: bool = True) -> List[dic
                 "missing_seeds": " ".join(map(str, missing))}
         for key in METRICS:
             line[f"{key}_mean"], line[f"{key}_std"] = mean_std([m[key] for m in lasts])
+            line[f"{key}_ci_low"], line[f"{key}_ci_high"] = (
+                t_interval([m[key] for m in lasts]) or (None, None))
         val_ok = all_val and bool(bests)
         for key in METRICS:
             stats = mean_std([m[key] for m in bests]) if val_ok else (None, None)
@@ -94,6 +100,8 @@ def aggregate(grid: Grid, runs: List[Run], with_params: bool = True) -> List[dic
         for key in METRICS:
             stats = mean_std([m[key] for m in papers]) if len(papers) == len(lasts) else (None, None)
             line[f"paper_{key}_mean"], line[f"paper_{key}_std"] = stats
+            line[f"{key}_inflation"] = (mean_std([d[key] for d in inflations])[0]
+                                        if len(inflations) == len(lasts) else None)
         for key in FG_METRICS:
             values = [m[key] for m in lasts if key in m]
             stats = mean_std(values) if values and len(values) == len(lasts) else (None, None)
@@ -104,4 +112,22 @@ def aggregate(grid: Grid, runs: List[Run], with_params: bool = True) -> List[dic
         line["train_seconds_mean"] = mean_std(seconds)[0]
         line["resumed"] = resumed
         table.append(line)
+        lasts_by_row[row.name] = lasts
+    compare_with_reference(table, lasts_by_row, grid.reference)
     return table
+
+
+def compare_with_reference(table: List[dict], lasts_by_row: dict, reference: Optional[str]) -> None:
+    """Add each row's last-epoch difference from the reference row: ``<metric>_diff`` with its
+    interval, Welch's p-value and, per metric, the p-values Holm-adjusted over the other rows."""
+    for key in METRICS:
+        tests = [welch([m[key] for m in lasts_by_row[line["row"]]],
+                       [m[key] for m in lasts_by_row[reference]])
+                 if reference is not None and line["row"] != reference else None for line in table]
+        adjusted = holm([test.p if test else None for test in tests])
+        for line, test, p_holm in zip(table, tests, adjusted):
+            line[f"{key}_diff"] = test.diff if test else None
+            line[f"{key}_diff_low"] = test.low if test else None
+            line[f"{key}_diff_high"] = test.high if test else None
+            line[f"{key}_p"] = test.p if test else None
+            line[f"{key}_p_holm"] = p_holm

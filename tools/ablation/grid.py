@@ -7,7 +7,7 @@ from typing import List, Optional
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-GRID_KEYS = {"base", "opts", "rows", "seeds", "description"}
+GRID_KEYS = {"base", "opts", "rows", "seeds", "reference", "description"}
 ROW_KEYS = {"name", "config", "opts", "init_scale", "init_bias", "description"}
 # Keys the tool sets per run; a grid may not set them.
 RESERVED_KEYS = {"OUTPUT_DIR": "the run folder is <output>/<row>/seed<k>",
@@ -37,6 +37,7 @@ class Grid:
     opts: List[str]
     rows: List[Row]
     seeds: List[int]
+    reference: Optional[str] = None  # the row the others are compared with (Welch's t-test)
 
 
 def _opts_list(value, where: str) -> List[str]:
@@ -143,6 +144,11 @@ def load_grid(path: str, seeds: Optional[List[int]] = None) -> Grid:
         raise GridError(f"{path}: seeds must be integers, got {seeds!r}") from None
     if len(set(seeds)) != len(seeds):
         raise GridError(f"{path}: duplicate seeds {seeds}")
+    reference = content.get("reference")
+    if reference is not None and str(reference) not in names:
+        raise GridError(f"{path}: reference: no row is named {str(reference)!r} (rows: "
+                        f"{', '.join(r.name for r in rows)}); name one of them or remove the key")
     name = os.path.splitext(os.path.basename(path))[0]
     return Grid(name, path, base, resolve_base(base, path),
-                _opts_list(content.get("opts"), f"{path}: opts"), rows, seeds)
+                _opts_list(content.get("opts"), f"{path}: opts"), rows, seeds,
+                None if reference is None else str(reference))

@@ -14,7 +14,13 @@ CSV_COLUMNS = (["row", "seeds", "seed_list", "missing_seeds"]
                + [f"best_{k}_{s}" for k in METRICS for s in ("mean", "std")]
                + [f"paper_{k}_{s}" for k in METRICS for s in ("mean", "std")]
                + [f"{k}_{s}" for k in FG_METRICS for s in ("mean", "std")]
-               + ["best_epoch_mean", "best_selected_on", "params_M", "train_seconds_mean", "resumed"])
+               + ["best_epoch_mean", "best_selected_on", "params_M", "train_seconds_mean", "resumed"]
+               + [f"{k}_{s}" for k in METRICS for s in ("ci_low", "ci_high")]
+               + [f"{k}_{s}" for k in METRICS for s in ("diff", "diff_low", "diff_high", "p", "p_holm")]
+               + [f"{k}_inflation" for k in METRICS])
+# The metrics of the interval, reference and inflation columns of results.md (all are in the csv).
+MD_STATS_METRICS = ("mAP", "R1")
+NONE = "-"  # results.md: a statistic that is not computable (under 2 seeds; no reference)
 
 
 def _csv_cell(value) -> str:
@@ -29,6 +35,54 @@ def _pct(mean, std) -> str:
     if mean is None:
         return NA
     return f"{mean * 100:.2f} ± " + (NA if std is None else f"{std * 100:.2f}")
+
+
+def _interval(mean, low, high) -> str:
+    """``mean [low, high]`` in percent."""
+    if mean is None or low is None:
+        return NONE
+    return f"{mean * 100:.2f} [{low * 100:.2f}, {high * 100:.2f}]"
+
+
+def _signed(value, low=None, high=None) -> str:
+    """A difference in percentage points, with its interval when given."""
+    if value is None:
+        return NONE
+    return f"{value * 100:+.2f}" + ("" if low is None else f" [{low * 100:+.2f}, {high * 100:+.2f}]")
+
+
+def _p(value) -> str:
+    if value is None:
+        return NONE
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _stats_section(grid: Grid, table: List[dict]) -> List[str]:
+    """results.md's intervals of the last epoch and, with a reference row, the differences."""
+    ref = grid.reference
+    head = "| row | seeds | " + " | ".join(f"{k} [95 % CI]" for k in MD_STATS_METRICS)
+    align = "|---|---:|" + "---:|" * len(MD_STATS_METRICS)
+    if ref:
+        head += " | " + " | ".join(f"Δ {k} vs {ref} [95 % CI] | p (Holm)" for k in MD_STATS_METRICS)
+        align += "---:|---:|" * len(MD_STATS_METRICS)
+    md = ["", "## Last epoch: 95 % intervals" + (f" and differences from `{ref}`" if ref else ""), "",
+          ("Interval of the mean over the seeds: t distribution with n - 1 degrees of freedom "
+           "(mean ± t × s / √n). ")
+          + (f"Δ: row minus `{ref}` in percentage points with its 95 % interval, Welch's t-test "
+             "(unequal variances, Welch-Satterthwaite degrees of freedom); p: two-sided, "
+             "Holm-adjusted over the grid's rows for each metric (unadjusted p in results.csv). "
+             if ref else "")
+          + "-: not computable (fewer than 2 finished seeds).", "", head + " |", align]
+    for line in table:
+        cells = [_interval(line[f"{k}_mean"], line[f"{k}_ci_low"], line[f"{k}_ci_high"])
+                 for k in MD_STATS_METRICS]
+        if ref:
+            for k in MD_STATS_METRICS:
+                cells += (["reference", NONE] if line["row"] == ref else
+                          [_signed(line[f"{k}_diff"], line[f"{k}_diff_low"], line[f"{k}_diff_high"]),
+                           _p(line[f"{k}_p_holm"])])
+        md.append(f"| {line['row']} | {line['seeds']} | " + " | ".join(cells) + " |")
+    return md
 
 
 def git_revision() -> str:
@@ -69,6 +123,7 @@ def write_results(grid: Grid, table: List[dict], output: str, command: str) -> N
         secs = line["train_seconds_mean"]
         secs = NA if secs is None else f"{secs:.0f}" + (" †" if line["resumed"] else "")
         md.append(f"| {line['row']} | {line['seeds']} | " + " | ".join(cells) + f" | {params} | {secs} |")
+    md += _stats_section(grid, table)
     md += ["", "## Best epoch selected on the validation split (its test metrics)", "",
            "| row | seeds | best epoch (mean) | mAP | R1 | R5 | R10 | mINP |",
            "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -78,9 +133,14 @@ def write_results(grid: Grid, table: List[dict], output: str, command: str) -> N
         md.append(f"| {line['row']} | {line['seeds']} | {epoch} | " + " | ".join(cells) + " |")
     md += ["", ("## Best test epoch (the paper's protocol: the epoch with the highest test mAP, "
                 "selected on the test split; optimistic, for comparison with published tables only)"),
-           "", "| row | seeds | mAP | R1 | R5 | R10 | mINP |", "|---|---:|---:|---:|---:|---:|---:|"]
+           "", ("Inflation: this epoch's test metric minus the last epoch's, mean over the seeds, in "
+                "percentage points (how much the test-set selection flatters the row)."), "",
+           "| row | seeds | mAP | R1 | R5 | R10 | mINP | "
+           + " | ".join(f"inflation {k}" for k in MD_STATS_METRICS) + " |",
+           "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(MD_STATS_METRICS)]
     for line in table:
         cells = [_pct(line[f"paper_{k}_mean"], line[f"paper_{k}_std"]) for k in METRICS]
+        cells += [_signed(line[f"{k}_inflation"]) for k in MD_STATS_METRICS]
         md.append(f"| {line['row']} | {line['seeds']} | " + " | ".join(cells) + " |")
     if any(line["fg_precision_mean"] is not None for line in table):
         md += ["", "## Kept-token foreground precision (last epoch, test split)", "",
