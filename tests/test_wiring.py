@@ -397,3 +397,102 @@ def test_synthetic_options_reach_the_generator(tiny_cfg):
     data = build_data(tiny_cfg())
     assert data.num_classes == 6 and len(data.dataset.train) == 36
     assert len({s.pid for s in data.dataset.query}) == 4 and len(data.dataset.query) == 24
+
+
+# ---------------------------------------------------------------------------------------------
+# SOLVER: the optimizer, schedule and trainer the run builds
+# ---------------------------------------------------------------------------------------------
+def _optimizer(cfg):
+    from solver.build import build_optimizer
+
+    return build_optimizer(cfg, _model(cfg))
+
+
+def test_bias_lr_factor_reaches_the_bias_groups(tiny_cfg):
+    """Breakage: SOLVER.BIAS_LR_FACTOR not passed (2.0)."""
+    opt = _optimizer(tiny_cfg(*SDTPS, "SOLVER.BIAS_LR_FACTOR", "3.0", "SOLVER.PARAM_GROUPS", "demo"))
+    biases = [g for g in opt.param_groups if g["kind"] == "bias"]
+    assert biases and all(g["lr"] == pytest.approx(3.0 * 0.001) for g in biases)
+
+
+def test_optimizer_and_momentum(tiny_cfg):
+    """Breakages: SOLVER.OPTIMIZER ignored (always Adam); SOLVER.MOMENTUM not passed to SGD."""
+    sgd = _optimizer(tiny_cfg("SOLVER.OPTIMIZER", "SGD", "SOLVER.MOMENTUM", "0.6"))
+    assert isinstance(sgd, torch.optim.SGD) and {g["momentum"] for g in sgd.param_groups} == {0.6}
+    assert type(_optimizer(tiny_cfg("SOLVER.OPTIMIZER", "AdamW"))) is torch.optim.AdamW
+
+
+def _epoch_lrs(cfg, epochs=6):
+    from solver.build import build_scheduler, set_epoch_lr
+
+    opt = _optimizer(cfg)
+    sched = build_scheduler(cfg, opt)
+    lrs = []
+    for epoch in range(epochs):
+        set_epoch_lr(sched, epoch, cfg.SOLVER.SCHEDULE_START)
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+def test_lr_noise_seed_and_std_reach_the_schedule(tiny_cfg):
+    """Same LR_NOISE_SEED: the same rates; another seed: others. LR_NOISE_STD 1e-9: the rates
+    of the noise-free schedule. Breakages: SOLVER.LR_NOISE_SEED not passed (42),
+    SOLVER.LR_NOISE_STD not passed (1.0), SOLVER.LR_NOISE not passed."""
+    opts = ("SOLVER.MAX_EPOCHS", "6", "SOLVER.WARMUP_EPOCHS", "2", "SOLVER.LR_NOISE", "0.5")
+    seed7 = _epoch_lrs(tiny_cfg(*opts, "SOLVER.LR_NOISE_SEED", "7"))
+    assert seed7 == _epoch_lrs(tiny_cfg(*opts, "SOLVER.LR_NOISE_SEED", "7"))
+    assert seed7 != _epoch_lrs(tiny_cfg(*opts, "SOLVER.LR_NOISE_SEED", "8"))
+    quiet = _epoch_lrs(tiny_cfg(*opts, "SOLVER.LR_NOISE_STD", "1e-9"))
+    clean = _epoch_lrs(tiny_cfg(*opts[:-2], "SOLVER.LR_NOISE", "0.0"))
+    assert quiet == pytest.approx(clean, rel=1e-6) and seed7 != pytest.approx(clean, rel=1e-3)
+
+
+@pytest.mark.parametrize("clip", ["0.01", "0.0"])
+def test_grad_clip_bounds_the_gradient_norm_of_a_step(tiny_cfg, clip):
+    """After one Trainer step the total gradient norm is at most SOLVER.GRAD_CLIP (0.01, far
+    below this step's norm); with 0 it is not clipped. Breakages: GRAD_CLIP not applied,
+    or clipping at a fixed norm."""
+    from engine.trainer import Trainer
+
+    cfg = tiny_cfg("SOLVER.GRAD_CLIP", clip)
+    data = build_data(cfg)
+    trainer = Trainer(cfg, _model(cfg), data, torch.device("cpu"))
+    trainer.train_step(next(iter(data.train_loader)))
+    norm = torch.norm(torch.stack([p.grad.norm() for p in trainer.model.parameters()
+                                   if p.grad is not None]))
+    assert (float(norm) <= 0.01 * (1 + 1e-4)) == (clip != "0.0")
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_deterministic_reaches_torch(tiny_opts, value):
+    """Breakage: SOLVER.DETERMINISTIC not passed to set_deterministic (or inverted)."""
+    from config import default_argument_parser
+    from engine.defaults import default_setup
+
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        args = default_argument_parser().parse_args(list(tiny_opts) + ["SOLVER.DETERMINISTIC", str(value)])
+        default_setup(args)
+        assert torch.are_deterministic_algorithms_enabled() == value
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def test_periods_of_evaluation_checkpoints_and_log(tiny_opts):
+    """3 epochs with EVAL_PERIOD 2, CHECKPOINT_PERIOD 2, KEEP_LAST 5, LOG_PERIOD 2: evaluations
+    after epochs 2 and 3 (the last), checkpoints of epochs 2 and 3, a step line for step 2, none
+    for step 1. Breakages: SOLVER.EVAL_PERIOD, CHECKPOINT_PERIOD or LOG_PERIOD not passed
+    to its hook (1: every epoch / step)."""
+    import train_net
+    from utils.checkpoint import epoch_checkpoints
+
+    out = tiny_opts[tiny_opts.index("OUTPUT_DIR") + 1]
+    summary = train_net.main(list(tiny_opts) + [
+        "SOLVER.MAX_EPOCHS", "3", "SOLVER.EVAL_PERIOD", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
+        "SOLVER.KEEP_LAST", "5", "SOLVER.LOG_PERIOD", "2"])
+    assert summary["last"]["epoch"] == 3 and summary["best"]["epoch"] in (2, 3)
+    assert sorted(epoch for epoch, _ in epoch_checkpoints(out)) == [2, 3]
+    with open(os.path.join(out, "log.txt")) as f:
+        log = f.read()
+    assert "epoch 1 iter 2/" in log and "epoch 1 iter 1/" not in log
+    assert "epoch 1 test" not in log and "epoch 2 test" in log and "epoch 3 test" in log
