@@ -54,7 +54,13 @@ def runs(synthetic_root, tmp_path_factory):
     rgb = os.path.join(grown_root, "Synthetic", "train_171", "RGB")
     with open(os.path.join(rgb, sorted(os.listdir(rgb))[0]), "ab") as f:
         f.write(b"\0")  # still a readable JPEG, another size
-    return {"base": _train(str(top / "base"), synthetic_root),
+    base = _train(str(top / "base"), synthetic_root)
+    evaluation = subprocess.run(
+        [sys.executable, "test_net.py", *TINY_OPTS, "DATASETS.ROOT_DIR", synthetic_root,
+         "OUTPUT_DIR", str(top / "eval"), "TEST.WEIGHT", os.path.join(base, "checkpoint_epoch1.pth")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert evaluation.returncode == 0, evaluation.stderr[-2000:]
+    return {"base": base, "eval": str(top / "eval" / "test_results.json"),
             "seed": _train(str(top / "seed"), synthetic_root, "SOLVER.SEED", "7"),
             "lr": _train(str(top / "lr"), synthetic_root, "SOLVER.BASE_LR", "0.002"),
             "data": _train(str(top / "data_run"), grown_root),
@@ -82,10 +88,16 @@ def test_a_run_and_its_copy_are_identical(runs):
     assert "no metric differs by more than 1e-06 in the 1 epoch(s)" in proc.stdout
 
 
-def test_seed_difference_is_named_as_such(runs):
+@pytest.fixture(scope="module")
+def seed_comparison(runs):
+    """compare_runs of the base run and the run with another seed."""
+    return _compare(runs["base"], runs["seed"])
+
+
+def test_seed_difference_is_named_as_such(seed_comparison):
     """Catches: a seed difference reported as a config difference (or not at all), and metrics
     that differ without the first differing epoch being named."""
-    proc = _compare(runs["base"], runs["seed"])
+    proc = seed_comparison
     assert _main_cause(proc) == "different seed"
     assert "SOLVER.SEED: 1111 | 7" in proc.stdout
     assert "first difference beyond 1e-06: epoch 1, test" in proc.stdout
@@ -156,11 +168,10 @@ def test_precedence_of_the_causes():
     assert verdict({"DATASETS.ROOT_DIR": ("a", "b")}, {}, False) == "identical"
 
 
-def test_metrics_side_by_side_with_losses_from_the_log(runs):
+def test_metrics_side_by_side_with_losses_from_the_log(runs, seed_comparison):
     """Catches: the loss columns empty because the log's epoch line is no longer parsed, and the
     two runs' columns swapped."""
-    proc = _compare(runs["base"], runs["seed"])
-    lines = proc.stdout.splitlines()
+    lines = seed_comparison.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if "test mAP A" in line)
     assert "loss A" in lines[header] and "loss B" in lines[header]
     row = lines[header + 1].split()
@@ -206,3 +217,18 @@ def test_bad_inputs_get_one_clear_line(runs, tmp_path):
     assert proc.returncode == 1 and f"error: RUN_B {text} is not a JSON file" in proc.stderr
     proc = _compare(runs["base"])
     assert proc.returncode == 2 and "RUN_B" in proc.stderr
+
+
+def test_evaluations_compare_by_their_results(runs):
+    """Catches: two test_results.json whose metrics differ called identical (the evaluation's
+    results ignored because it has no per-epoch history)."""
+    same = runs["top"] / "eval_copy.json"
+    shutil.copy(runs["eval"], same)
+    assert _verdict(_compare(runs["eval"], same)) == "identical"
+    results = json.loads(open(runs["eval"]).read())
+    results["results"]["none"]["R1"] += 1e-3
+    other = runs["top"] / "eval_other.json"
+    other.write_text(json.dumps(results))
+    proc = _compare(runs["eval"], other)
+    assert _verdict(proc).startswith("same inputs, numerical differences only")
+    assert "first difference beyond 1e-06: epoch 0, test R1" in proc.stdout

@@ -2,9 +2,11 @@
 
     python tools/compare_runs.py output/run_a output/run_b [--plot compare.png]
     python tools/compare_runs.py a/summary.json b/summary.json
+    python tools/compare_runs.py eval_a/test_results.json eval_b/test_results.json
 
 Each run is a training run folder (its ``summary.json``, and ``log.txt`` beside it for the
-losses) or a ``summary.json`` file. Printed, in order:
+losses) or a ``summary.json`` file; an evaluation's ``test_results.json`` (``test_net.py``)
+compares as one row, epoch 0. Printed, in order:
 
 * the config differences (``config.flatten_config`` of the configs stored in the manifests);
 * the manifest differences (``utils.manifest``): code, libraries, device, world size, loader
@@ -78,8 +80,9 @@ def load_run(path: str, name: str) -> Dict:
         raise ValueError(f"{name} {file} holds no run manifest ('manifest'): it was not written "
                          "by train_net.py of this version (runs before the manifest cannot be "
                          "compared)")
-    log = os.path.join(os.path.dirname(file), "log.txt")
-    return {"summary": summary, "file": file, "log": log if os.path.isfile(log) else ""}
+    log = os.path.join(os.path.dirname(file), "log.txt")  # a training run's (losses per epoch)
+    return {"summary": summary, "file": file,
+            "log": log if "history" in summary and os.path.isfile(log) else ""}
 
 
 def manifest_changes(a: Dict, b: Dict) -> Dict[str, Tuple]:
@@ -101,7 +104,11 @@ def _numbers(tree, prefix: str = "") -> Dict[str, float]:
 
 
 def history_by_epoch(summary: Dict) -> Dict[int, Dict[str, Dict[str, float]]]:
-    """{epoch: {split: {metric: value}}} of a summary's ``history``."""
+    """{epoch: {split: {metric: value}}} of a summary's ``history``; a test_results.json (one
+    evaluation, per TEST.MISS setting) as epoch 0 with splits ``test`` and ``test/<miss>``."""
+    if "history" not in summary and isinstance(summary.get("results"), dict):
+        return {0: {"test" if miss == "none" else f"test/{miss}": _numbers(m)
+                    for miss, m in summary["results"].items()}}
     return {int(h["epoch"]): {split: _numbers(m) for split, m in h["results"].items()}
             for h in summary.get("history") or []}
 
