@@ -496,3 +496,38 @@ def test_periods_of_evaluation_checkpoints_and_log(tiny_opts):
         log = f.read()
     assert "epoch 1 iter 2/" in log and "epoch 1 iter 1/" not in log
     assert "epoch 1 test" not in log and "epoch 2 test" in log and "epoch 3 test" in log
+
+
+# ---------------------------------------------------------------------------------------------
+# TEST: the evaluators the run builds
+# ---------------------------------------------------------------------------------------------
+RERANK = ("TEST.RERANK.ENABLED", "True", "TEST.RERANK.K1", "3", "TEST.RERANK.K2", "1")
+
+
+def test_rerank_lambda_weighs_the_original_distance(protocol_root):
+    """TEST.RERANK.LAMBDA 1: the re-ranked distance is the original one (per query, rescaled), so
+    the metrics are exactly those without re-ranking; 0 (the Jaccard distance alone) changes
+    them here. Breakage: LAMBDA not passed to re_ranking (0.3)."""
+    plain = protocol_metrics("RGBNT201", protocol_root)["mAP"]
+    assert protocol_metrics("RGBNT201", protocol_root, *RERANK, "TEST.RERANK.LAMBDA", "1.0")["mAP"] == \
+        pytest.approx(plain, abs=1e-12)
+    assert protocol_metrics("RGBNT201", protocol_root, *RERANK, "TEST.RERANK.LAMBDA", "0.0")["mAP"] != \
+        pytest.approx(plain, abs=1e-6)
+
+
+def test_evaluators_are_those_the_config_lists(tiny_cfg):
+    """Breakage: TEST.EVALUATORS ignored (always reid and foreground)."""
+    from engine.evaluator import ForegroundPrecisionEvaluator, ReIDEvaluator
+
+    cfg = tiny_cfg("TEST.EVALUATORS", "['reid']")
+    eval_set = build_data(cfg).eval_sets["test"]
+    assert [type(e) for e in build_evaluators(cfg, eval_set)] == [ReIDEvaluator]
+    cfg = tiny_cfg("TEST.EVALUATORS", "['reid', 'foreground']")
+    assert [type(e) for e in build_evaluators(cfg, eval_set)] == [ReIDEvaluator,
+                                                                  ForegroundPrecisionEvaluator]
+
+
+def test_report_feats_are_scored_beside_the_retrieval_feature(protocol_root):
+    """Breakage: TEST.REPORT_FEATS not passed to the evaluator (no by_feat report)."""
+    m = protocol_metrics("RGBNT201", protocol_root, "TEST.REPORT_FEATS", "['ori']")
+    assert m["by_feat"]["ori"]["mAP"] == m["mAP"] == pytest.approx(0.4)
