@@ -288,16 +288,22 @@ def test_compute_distance_rankings_agree():
     assert_same(a, b)
 
 
-def test_random_ranking_map_matches_simulation():
+def test_random_ranking_map_is_the_mean_over_every_ranking():
+    """Exact: the chance mAP equals the mean AP over all 6! orderings of the gallery (each query's
+    row takes every permutation once), with junk (same pid and camera) and a query without a
+    positive in the mix. Catches a wrong expectation formula, junk counted as valid items, or the
+    query without positives counted."""
+    import itertools
+
     from utils.metrics import random_ranking_map
 
-    rng = np.random.default_rng(0)
-    q_pids, g_pids = rng.integers(0, 5, 12), rng.integers(0, 5, 30)
-    q_cams, g_cams = rng.integers(0, 3, 12), rng.integers(0, 3, 30)
-    exact = random_ranking_map(q_pids, g_pids, q_cams, g_cams)
-    simulated = np.mean([evaluate_rank(rng.random((12, 30)), q_pids, g_pids, q_cams, g_cams)[1]
-                         for _ in range(3000)])
-    assert abs(exact - simulated) < 0.005
+    q_pids, q_cams = np.array([0, 1, 2, 9]), np.array([0, 0, 1, 0])
+    g_pids, g_cams = np.array([0, 0, 1, 1, 2, 0]), np.array([0, 1, 1, 2, 1, 2])
+    perms = np.array(list(itertools.permutations(range(6))), dtype=np.float64)  # (720, 6)
+    distmat = np.repeat(perms, len(q_pids), axis=0)  # every query row under every ordering
+    reps = len(perms)
+    _, mean_ap, _ = evaluate_rank(distmat, np.tile(q_pids, reps), g_pids, np.tile(q_cams, reps), g_cams)
+    assert random_ranking_map(q_pids, g_pids, q_cams, g_cams) == pytest.approx(mean_ap, rel=1e-12)
     # A single positive among G valid items: E[1 / rank] = H_G / G.
     assert random_ranking_map([0], [0, 1, 2, 3], [0], [1, 1, 1, 1]) == pytest.approx(
         (1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
