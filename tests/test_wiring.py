@@ -159,6 +159,22 @@ def test_proj_dim_sets_the_token_width(tiny_cfg):
     assert out["tokens"].shape[-1] == 24
 
 
+def test_reg_tokens_reach_the_backbone(tiny_cfg):
+    """Breakage: MODEL.REG_TOKENS not passed to timm (no register tokens)."""
+    assert _model(tiny_cfg("MODEL.REG_TOKENS", "3")).backbone.vit.reg_token.shape[1] == 3
+
+
+def test_pos_embed_resize_reaches_the_resampling(tiny_cfg):
+    """STRIDE_SIZE 8 resamples the position embeddings to the denser grid: bicubic (antialiased)
+    and bilinear give other embeddings from the same initial ones. Breakage:
+    MODEL.POS_EMBED_RESIZE not passed to the backbone (bilinear)."""
+    def pos_embed(mode):
+        cfg = tiny_cfg("MODEL.STRIDE_SIZE", "[8, 8]", "MODEL.POS_EMBED_RESIZE", mode)
+        return _model(cfg).backbone.vit.pos_embed.detach()
+
+    assert not torch.allclose(pos_embed("bilinear"), pos_embed("bicubic"))
+
+
 def test_sie_coe_scales_the_camera_embedding(tiny_cfg):
     """Breakage: MODEL.SIE_COE not passed (1.0): with 0 the camera embedding must not change the
     features; with 1 it does."""
@@ -371,11 +387,13 @@ def test_num_instance_sets_the_instances_per_identity(tiny_cfg):
 
 
 def test_loader_sizes_and_workers(tiny_cfg):
-    """Breakages: TEST.IMS_PER_BATCH not passed to the evaluation loader, DATALOADER.NUM_WORKERS
-    not passed to the loaders."""
-    data = build_data(tiny_cfg("TEST.IMS_PER_BATCH", "5", "DATALOADER.NUM_WORKERS", "1"))
+    """Breakages: TEST.IMS_PER_BATCH not passed to the evaluation loader, INPUT.SIZE_TEST not used
+    for the evaluation images, DATALOADER.NUM_WORKERS not passed to the loaders."""
+    data = build_data(tiny_cfg("TEST.IMS_PER_BATCH", "5", "DATALOADER.NUM_WORKERS", "1",
+                               "INPUT.SIZE_TEST", "[48, 24]"))
     loader = data.eval_sets["test"].loader
-    assert loader.batch_size == 5 and len(next(iter(loader))["pids"]) == 5
+    batch = next(iter(loader))
+    assert loader.batch_size == 5 and batch["images"].shape == (5, 3, 3, 48, 24)
     assert loader.num_workers == 1 and data.train_loader.num_workers == 1
 
 
@@ -395,7 +413,7 @@ def test_synthetic_options_reach_the_generator(tiny_cfg):
     4 test identities, 6 triplets each, 64x32. Breakage: a DATASETS.SYNTHETIC key not passed to
     the generator (the defaults would not match the generated folder: an error)."""
     data = build_data(tiny_cfg())
-    assert data.num_classes == 6 and len(data.dataset.train) == 36
+    assert data.num_classes == 6 and len(data.dataset.train) == 36 and data.num_cams == 4
     assert len({s.pid for s in data.dataset.query}) == 4 and len(data.dataset.query) == 24
 
 
@@ -408,11 +426,15 @@ def _optimizer(cfg):
     return build_optimizer(cfg, _model(cfg))
 
 
-def test_bias_lr_factor_reaches_the_bias_groups(tiny_cfg):
-    """Breakage: SOLVER.BIAS_LR_FACTOR not passed (2.0)."""
-    opt = _optimizer(tiny_cfg(*SDTPS, "SOLVER.BIAS_LR_FACTOR", "3.0", "SOLVER.PARAM_GROUPS", "demo"))
+def test_bias_lr_factor_and_weight_decays_reach_the_groups(tiny_cfg):
+    """Breakages: SOLVER.BIAS_LR_FACTOR not passed (2.0); SOLVER.WEIGHT_DECAY and
+    WEIGHT_DECAY_BIAS not passed or swapped."""
+    opt = _optimizer(tiny_cfg(*SDTPS, "SOLVER.BIAS_LR_FACTOR", "3.0", "SOLVER.PARAM_GROUPS", "demo",
+                              "SOLVER.WEIGHT_DECAY", "0.03", "SOLVER.WEIGHT_DECAY_BIAS", "0.07"))
     biases = [g for g in opt.param_groups if g["kind"] == "bias"]
     assert biases and all(g["lr"] == pytest.approx(3.0 * 0.001) for g in biases)
+    assert {g["weight_decay"] for g in biases} == {0.07}
+    assert {g["weight_decay"] for g in opt.param_groups if g["kind"] == "base"} == {0.03}
 
 
 def test_optimizer_and_momentum(tiny_cfg):

@@ -215,7 +215,7 @@ BREAKAGES: List[Breakage] = [
              'solver/build.py',
              '"bias": s.BASE_LR * s.BIAS_LR_FACTOR',
              '"bias": s.BASE_LR * 2.0',
-             ('tests/test_wiring.py::test_bias_lr_factor_reaches_the_bias_groups',)),
+             ('tests/test_wiring.py::test_bias_lr_factor_and_weight_decays_reach_the_groups',)),
     Breakage('sie-coe-not-passed',
              'MODEL.SIE_COE not passed to the backbone (1.0)',
              'modeling/backbone.py',
