@@ -205,11 +205,13 @@ def test_training_writes_only_tensors_and_plain_values(straight_run):
 
 def _as_previous_release(state: dict) -> dict:
     """``state`` as the previous release wrote it: numpy's RNG state as np.random.get_state()
-    returns it (a tuple holding a uint32 ndarray), checksummed over that."""
+    returns it (a tuple holding a uint32 ndarray), also in the per-process states of a run under
+    torchrun (2 here), checksummed over that."""
     state = {k: v for k, v in state.items() if k != ckpt.CHECKSUM_KEY}
     name, keys, pos, has_gauss, cached = state["rng"]["numpy"]
     state["rng"] = dict(state["rng"], numpy=(name, keys.numpy().astype(np.uint32), pos, has_gauss,
                                              cached))
+    state["rng_per_rank"] = [dict(state["rng"]), dict(state["rng"])]
     return ckpt.with_checksum(state)
 
 
@@ -259,37 +261,35 @@ def test_checkpoint_of_the_previous_release_converts_and_resumes(straight_run, t
         assert torch.equal(resumed[key], reference[key]), key
 
 
-def _convert(*args):
-    return subprocess.run([sys.executable, "tools/convert_checkpoint.py"] + list(args), cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_conversion_needs_trust_and_never_overwrites_unasked(malicious, tmp_path):
-    """Without --trust nothing is unpickled (the payload does not run, nothing is written);
-    an existing OUT, or OUT = IN, is refused without --overwrite and left as it was; a file
-    holding objects other than numpy's is not converted; one that already loads safely neither.
-    Catches: the legacy reader run before the --trust check, a lost existing file."""
+    """Command line: without --trust nothing is unpickled (the payload does not run, nothing is
+    written); OUT = IN is refused without --overwrite. Python API: an existing OUT is refused
+    and left as it was; a file holding objects other than numpy's is not converted; one that
+    already loads safely neither. Catches: the legacy reader run before the --trust or the
+    existing-file check, a lost user file, a converted file the loader would refuse."""
+    from tools import convert_checkpoint
+
     path, marker = malicious
     target = tmp_path / "out.pth"
-    errors = _error_lines(_convert("--from", "legacy", path, str(target)))
-    assert len(errors) == 1 and "--trust" in errors[0] and path in errors[0]
+    for args, needles in (([path, str(target)], ["--trust", path]),
+                          (["--trust", path, path], [f"{path} exists (it is IN)", "--overwrite"])):
+        proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--from", "legacy"] + args,
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        errors = _error_lines(proc)
+        assert len(errors) == 1 and all(n in errors[0] for n in needles), errors
     assert not marker.exists() and not target.exists()
 
     target.write_bytes(b"the user's file")
-    for out in (str(target), path):
-        before = open(out, "rb").read()
-        errors = _error_lines(_convert("--from", "legacy", "--trust", path, out))
-        assert len(errors) == 1 and f"{out} exists" in errors[0] and "--overwrite" in errors[0]
-        assert open(out, "rb").read() == before
-    assert not marker.exists()
+    with pytest.raises(ValueError, match=f"{re.escape(str(target))} exists: .* --overwrite"):
+        convert_checkpoint.main(["--from", "legacy", "--trust", path, str(target)])
+    assert target.read_bytes() == b"the user's file" and not marker.exists()
 
     objects = tmp_path / "objects.pth"
     torch.save({"model": {"w": torch.ones(1)}, "args": argparse.Namespace(lr=1.0)}, objects)
-    errors = _error_lines(_convert("--from", "legacy", "--trust", str(objects), str(tmp_path / "o.pth")))
-    assert len(errors) == 1 and "argparse.Namespace" in errors[0] and "not converted" in errors[0]
-    assert not (tmp_path / "o.pth").exists()
-
+    with pytest.raises(ValueError, match=r"\(argparse.Namespace\): not converted"):
+        convert_checkpoint.main(["--from", "legacy", "--trust", str(objects), str(tmp_path / "o.pth")])
     plain = tmp_path / "plain.pth"
     torch.save({"model": {"w": torch.ones(1)}}, plain)
-    errors = _error_lines(_convert("--from", "legacy", "--trust", str(plain), str(tmp_path / "p.pth")))
-    assert len(errors) == 1 and "nothing to convert" in errors[0]
+    with pytest.raises(ValueError, match="already loads safely: nothing to convert"):
+        convert_checkpoint.main(["--from", "legacy", "--trust", str(plain), str(tmp_path / "p.pth")])
+    assert not (tmp_path / "o.pth").exists() and not (tmp_path / "p.pth").exists()
