@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.cli import run_cli  # noqa: E402
-from utils.checkpoint import (CHECKSUM_KEY, UnsafeFileError, atomic_write_bytes, safe_load,  # noqa: E402
-                              state_checksum, with_checksum)
+from utils.checkpoint import (CHECKSUM_KEY, UnsafeFileError, atomic_write_bytes,  # noqa: E402
+                              safe_load, state_checksum, with_checksum)
 from utils.seed import get_rng_state  # noqa: E402
 
 
@@ -55,7 +55,8 @@ SOURCES = {"legacy": (read_legacy, True)}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    summary, details = __doc__.split("\n\n", 1)
+    parser = argparse.ArgumentParser(description=summary, epilog=details,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="source", required=True, choices=sorted(SOURCES),
                         help="what wrote IN: legacy = an earlier version of this project")
@@ -63,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="IN comes from a trusted source: reading it may run code stored in it")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT if it exists (OUT may then be IN itself)")
-    parser.add_argument("input", metavar="IN")
-    parser.add_argument("output", metavar="OUT")
+    parser.add_argument("input", metavar="IN", help="the checkpoint to convert")
+    parser.add_argument("output", metavar="OUT", help="where the converted checkpoint is written")
     return parser
 
 
@@ -84,9 +85,9 @@ def main(argv=None) -> str:
     else:
         raise ValueError(f"{args.input} already loads safely: nothing to convert, use it as it is")
     if runs_code and not args.trust:
-        raise PermissionError(f"--from {args.source} reads {args.input} with Python's full unpickler, "
-                              "which runs any code stored in the file: add --trust only if you "
-                              "wrote it yourself or trust where it came from")
+        raise PermissionError(f"--from {args.source} reads {args.input} with Python's full "
+                              "unpickler, which runs any code stored in the file: add --trust "
+                              "only if you wrote it yourself or trust where it came from")
     buffer = io.BytesIO()
     torch.save(read(args.input), buffer)
     unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(buffer.getvalue()))
