@@ -11,11 +11,13 @@ from typing import Set, Tuple
 
 from yacs.config import CfgNode
 
-# Keys that no training run reads, only the tool named (whose source contains the key's leaf
-# name); a shipped config may set them. key -> the file that reads it.
+# Keys that a plain training run does not read, only the file named (whose source contains the
+# key); a shipped config may set them. key -> the file that reads it.
 TOOL_KEYS = {
     "TEST.WEIGHT": "test_net.py",
     "TEST.EXPORT": "test_net.py",
+    # load_weights (test_net.py and the tools); Trainer.resume reads it too, with --resume
+    "MODEL.LOAD_STRICT": "engine/defaults.py",
 }
 
 
