@@ -8,7 +8,6 @@ breakage it catches. Grouped by config node; the evaluation protocols first.
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
