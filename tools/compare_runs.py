@@ -249,20 +249,18 @@ def _panel(draw, box, title: str, curves: List[Tuple[str, Dict[int, float]]], fo
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], outline=color, width=2 if i else 1)
 
 
-def plot(path: str, names: Tuple[str, str], maps: Tuple[Dict, Dict], losses: Tuple[Dict, Dict]) -> None:
-    """Two panels (test mAP %, mean training loss per epoch), run A and B each in its colour,
-    written to the new file ``path``."""
+def plot(path: str, names: Tuple[str, str], panels: Dict[str, Tuple[Dict, Dict]]) -> None:
+    """One panel per entry of ``panels`` ({title: ({epoch: value} of A, of B)}), run A and B
+    each in its colour, written to ``path``."""
     font = get_font(11)
     width, panel_h, left, top, gap = 760, 260, 70, 40, 60
     legend_h = 2 * line_height(font) + 10
-    height = top + 2 * panel_h + gap + 30 + legend_h
+    height = top + len(panels) * (panel_h + gap) - gap + 30 + legend_h
     image = Image.new("RGB", (width, height), WHITE)
     draw = ImageDraw.Draw(image)
-    for i, (label, pct) in enumerate((("test mAP (%) per epoch", True), ("mean training loss per epoch", False))):
+    for i, (title, series) in enumerate(panels.items()):
         y0 = top + i * (panel_h + gap)
-        series = maps if pct else losses
-        _panel(draw, (left, y0, width - 20, y0 + panel_h - 20), label,
-               [(n, {e: v * 100 for e, v in s.items()} if pct else s) for n, s in zip(names, series)],
+        _panel(draw, (left, y0, width - 20, y0 + panel_h - 20), title, list(zip(names, series)),
                font)
     for i, name in enumerate(names):
         y = height - legend_h + i * line_height(font)
@@ -276,8 +274,9 @@ def plot(path: str, names: Tuple[str, str], maps: Tuple[Dict, Dict], losses: Tup
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_a", metavar="RUN_A", help="run folder or its summary.json")
-    parser.add_argument("run_b", metavar="RUN_B", help="run folder or its summary.json")
+    for name in ("RUN_A", "RUN_B"):
+        parser.add_argument(name.lower(), metavar=name,
+                            help="training run folder, its summary.json, or a test_results.json")
     parser.add_argument("--plot", default="", metavar="PNG",
                         help="also draw both runs' test mAP and loss per epoch to this new PNG")
     return parser
@@ -321,9 +320,10 @@ def main(argv=None) -> Dict:
         print(f"first difference beyond {TOLERANCE:g}: epoch {epoch}, {split} {metric}: "
               f"{va!r} | {vb!r}")
     if args.plot:
-        map_a = {e: s["test"]["mAP"] for e, s in ha.items() if "mAP" in s.get("test", {})}
-        map_b = {e: s["test"]["mAP"] for e, s in hb.items() if "mAP" in s.get("test", {})}
-        plot(args.plot, (args.run_a, args.run_b), (map_a, map_b), (la, lb))
+        maps = tuple({e: s["test"]["mAP"] * 100 for e, s in h.items() if "mAP" in s.get("test", {})}
+                     for h in (ha, hb))
+        plot(args.plot, (args.run_a, args.run_b),
+             {"test mAP (%) per epoch": maps, "mean training loss per epoch": (la, lb)})
         print(f"plot written to {args.plot}")
     result = verdict(config_diff, manifest_diff, first is not None)
     print(f"verdict: {result}")
