@@ -232,7 +232,8 @@ def test_duplicate_yaml_keys_folders_and_zero_epochs_are_named(tmp_path):
 
 def test_queries_without_a_positive_are_counted_in_the_metric_line(trained, tmp_path):
     """The protocol drops queries with no positive; every metric line says how many (catches:
-    'mAP 100.00 (24 queries ...)' computed on 6 of them without a word, as before)."""
+    'mAP 100.00 (24 queries ...)' computed on 6 of them without a word, as before). A file with
+    some unknown identities is scored on the known ones (catches: no metrics at all, as before)."""
     distmat = np.array([[0.1, 0.9, 0.5], [0.2, 0.3, 0.4], [0.3, 0.2, 0.1]])
     metrics = distance_metrics(distmat, np.array([1, 2, 3]), np.array([1, 1, 4]),
                                np.array([0, 0, 0]), np.array([1, 1, 1]))
@@ -253,6 +254,13 @@ def test_queries_without_a_positive_are_counted_in_the_metric_line(trained, tmp_
     dropped = int((data["pids"] != data["pids"][0]).sum())
     assert f"{dropped} without a positive in the gallery, not counted" in proc.stdout
     assert f"{dropped} without a positive" in (tmp_path / "p.html").read_text()
+    # a file where 3 rows have no identity: the others are scored, the 3 are named as left out
+    data["pids"][:3], data["camids"][:3] = -1, -1
+    mixed = tmp_path / "mixed.npz"
+    np.savez(mixed, **data)
+    proc = _cli("search.py", ["--gallery", str(mixed), "--query", str(mixed), "--show", "0"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"({len(keep) - 3} queries, " in proc.stdout and "[3 queries of unknown identity" in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +284,7 @@ def test_other_tools_refuse_bad_outputs_and_counts(trained, tmp_path):
     probe_selection --output, model_size's counts and ablate --output: one line naming the option
     before any work (catches: the config or results.csv overwritten by a PNG, ablate's
     FileExistsError traceback, model_size's --num_classes 0 silently meaning the default)."""
-    opts, weight, _, _ = trained
+    opts, weight, _, feats = trained
     config = tmp_path / "q.yml"
     config.write_text(open(QUICKSTART).read())
     results = tmp_path / "results.csv"
@@ -290,9 +298,22 @@ def test_other_tools_refuse_bad_outputs_and_counts(trained, tmp_path):
              ("visualize_tokens.py", model + ["--output", str(config)], ("--output", "name a .png file")),
              ("probe_selection.py", model + ["--output", weight], ("--output", "also the TEST.WEIGHT file")),
              ("model_size.py", ["--config_file", QUICKSTART, "--num_classes", "0"], ("--num_classes 0",)),
+             ("search.py", ["--gallery", feats, "--query", feats, "--top", "0"], ("--top 0",)),
              ("ablate.py", ["--grid", os.path.join(ROOT, "configs", "ablations", "gate_init_Synthetic.yml"),
                             "--output", str(results)], ("--output", "is a file, not a folder"))]
     for script, args, needles in cases:
         _assert_one_clear_error(_cli(script, args), *needles)
     assert all(p.read_bytes() == b for p, b in kept.items())
     assert _no_temporary_files(tmp_path) == []
+
+
+def test_a_closed_stdout_pipe_ends_quietly():
+    """``tools/lr_schedule.py ... | head -1``: the reader closing the pipe is no error (catches:
+    'error: BrokenPipeError: [Errno 32] Broken pipe' and exit 1)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "lr_schedule.py"),
+                             "--config_file", QUICKSTART], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("epoch,")
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and "error" not in stderr, stderr
