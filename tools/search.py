@@ -29,6 +29,7 @@ import io
 import json
 import os
 import sys
+import zipfile
 from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,6 +63,9 @@ def load_features(path: str, role: str) -> Dict:
     flag = f"--{role}"
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag} {path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{flag} {path} is not a .npz file (not a zip archive): give a file of "
+                         "tools/embed.py or of test_net.py TEST.EXPORT")
     try:
         data = np.load(path, allow_pickle=False)
         keys = set(data.files)
