@@ -10,7 +10,6 @@ Missing-modality evaluation (``TEST.MISS``): the named modalities' inputs are re
 after normalisation, as in the published protocol. Flip TTA (``TEST.FLIP``) averages the features
 of the image and its horizontal mirror.
 """
-import os
 import sys
 from contextlib import nullcontext
 from typing import Dict, List, Optional, Sequence
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from modeling.heads import retrieval_feature
 from utils.dist import all_gather_tensor, collective_device, is_main_process
 from utils.metrics import compute_distance, evaluate_rank, junk_mask, random_ranking_map
+from utils.outputs import replacing
 from utils.registry import Registry
 
 # The retrieval metrics of rank_metrics that every report shows.
@@ -356,6 +356,6 @@ def export_features(path: str, extracted: Dict, eval_set) -> None:
         for key in ("pids", "camids", "sceneids"):
             arrays[f"{prefix}_{key}"] = extracted[key][rows]
         arrays[f"{prefix}_paths"] = paths[rows]
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    np.savez(path, **arrays)
+    path = path if path.endswith(".npz") else path + ".npz"  # np.savez's naming
+    with replacing(path, "TEST.EXPORT") as tmp, open(tmp, "wb") as f:  # an old file survives a failure
+        np.savez(f, **arrays)
