@@ -61,6 +61,9 @@ def load_features(path: str, role: str) -> Dict:
     and info of a .npz from tools/embed.py, or the ``role`` ("query" / "gallery") rows of a
     test_net.py TEST.EXPORT file."""
     flag = f"--{role}"
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder: name a .npz file of tools/embed.py (which "
+                         "embeds a folder: python tools/embed.py --input <folder> --output f.npz)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag} {path}: no such file")
     if not zipfile.is_zipfile(path):
