@@ -1,6 +1,7 @@
 """Every key a shipped config sets is read by the run it configures.
 
-For each run config (configs/**/*.yml; not configs/ablations/, which are ablate.py grids),
+For each run config (configs/**/*.yml; not configs/ablations/ or configs/studies/, the grids
+and studies of tools/ablate.py),
 train_net.main trains one epoch (one step) and evaluates, on the tiny synthetic dataset, with
 a config that records which keys are read (config/reads.py). A key the file sets (in the file or
 its _BASE_ chain) that nothing reads fails, naming the key and the config: a value that never
@@ -22,9 +23,10 @@ from config import build_cfg, flatten_config
 from config.reads import TOOL_KEYS, record_reads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOT_RUN_CONFIGS = ("ablations", "studies")  # grids and studies of tools/ablate.py
 CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yml"),
                                                              recursive=True)
-                 if os.sep + "ablations" + os.sep not in p)
+                 if os.path.relpath(p, ROOT).split(os.sep)[1] not in NOT_RUN_CONFIGS)
 
 # The keys this test overrides (size, device, place and length; nothing that picks a module,
 # a loss, a schedule shape or an evaluation option).
