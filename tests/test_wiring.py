@@ -289,7 +289,8 @@ AUG_PATHS = {"loader": (), "model": ("INPUT.AUG_DEVICE", "model"), "cache": ("DA
 
 def train_batch(cfg):
     """(augmented normalised images (B, 3, 3, H, W), the same samples read, resized with
-    INPUT.TRAIN_INTERPOLATION and normalised, unaugmented) of the run's first training batch."""
+    INPUT.TRAIN_INTERPOLATION and normalised, unaugmented, the batch as loaded, the DataBundle)
+    of the run's first training batch."""
     from data.datasets import read_triplet
     from data.transforms import pil_triplet_to_tensor
 
@@ -303,32 +304,38 @@ def train_batch(cfg):
     plain = torch.stack([(pil_triplet_to_tensor(read_triplet(data.dataset.train[i]), cfg.INPUT.SIZE_TRAIN,
                                                 cfg.INPUT.TRAIN_INTERPOLATION) - mean) / std
                          for i in batch["index"].tolist()])
-    return images, plain, batch
+    return images, plain, batch, data
 
 
 @pytest.mark.parametrize("path", AUG_PATHS)
 def test_without_augmentation_training_images_are_the_normalised_images(tiny_cfg, path):
     """FLIP_PROB 0, PADDING 0, RE_PROB 0: the training batch is exactly the resized, normalised
-    images. Breakages: FLIP_PROB, PADDING or RE_PROB not passed (their defaults augment);
-    PIXEL_MEAN / PIXEL_STD not passed or swapped; SIZE_TRAIN not used for training images."""
-    images, plain, _ = train_batch(tiny_cfg(*NO_AUG, *AUG_PATHS[path]))
+    images, by each augmentation path. Breakages: FLIP_PROB, PADDING or RE_PROB not passed (their
+    defaults augment); PIXEL_MEAN / PIXEL_STD not passed or swapped; SIZE_TRAIN not used for
+    training images; INPUT.AUG_DEVICE or DATALOADER.CACHE ignored (the loader sends uint8
+    batches only with AUG_DEVICE model; the cache serves whole batches)."""
+    from data.cache import CachedBatches
+
+    images, plain, batch, data = train_batch(tiny_cfg(*NO_AUG, *AUG_PATHS[path]))
     assert images.shape[-2:] == (48, 24)
     assert torch.allclose(images, plain, atol=1e-5)
+    assert (batch["images"].dtype == torch.uint8) == (path == "model")
+    assert isinstance(data.train_loader.dataset, CachedBatches) == (path == "cache")
 
 
 @pytest.mark.parametrize("path", AUG_PATHS)
 def test_flip_prob_one_mirrors_every_training_image(tiny_cfg, path):
     """Breakages: INPUT.FLIP_PROB not passed, or inverted (1 - p: no flip)."""
-    images, plain, _ = train_batch(tiny_cfg(*NO_AUG, "INPUT.FLIP_PROB", "1.0", *AUG_PATHS[path]))
+    images, plain, *_ = train_batch(tiny_cfg(*NO_AUG, "INPUT.FLIP_PROB", "1.0", *AUG_PATHS[path]))
     assert torch.allclose(images, plain.flip(-1), atol=1e-5)
 
 
 def test_train_interpolation_reaches_the_training_resize(tiny_cfg):
     """Images resized from 64x32 to 48x24: bicubic differs from bilinear. Breakage:
     INPUT.TRAIN_INTERPOLATION not passed (the training images resized bilinearly)."""
-    images, plain, _ = train_batch(tiny_cfg(*NO_AUG, "INPUT.TRAIN_INTERPOLATION", "bicubic"))
+    images, plain, *_ = train_batch(tiny_cfg(*NO_AUG, "INPUT.TRAIN_INTERPOLATION", "bicubic"))
     assert torch.allclose(images, plain, atol=1e-5)  # plain: resized bicubic too
-    bilinear, _, _ = train_batch(tiny_cfg(*NO_AUG))
+    bilinear, *_ = train_batch(tiny_cfg(*NO_AUG))
     assert not torch.allclose(images, bilinear, atol=1e-3)
 
 
@@ -337,7 +344,7 @@ def test_padding_shifts_every_image_by_at_most_padding(tiny_cfg):
     zero-padded (-mean / std after normalisation), and some shift is not zero. Breakages: PADDING
     not passed (10: shifts up to 10; or 0: none)."""
     cfg = tiny_cfg(*NO_AUG, "INPUT.PADDING", "3")
-    images, plain, _ = train_batch(cfg)
+    images, plain, *_ = train_batch(cfg)
     fill = (-torch.tensor(cfg.INPUT.PIXEL_MEAN) / torch.tensor(cfg.INPUT.PIXEL_STD)).view(3, 1, 1)
     shifts = []
     for got, ref in zip(images.flatten(0, 1), plain.flatten(0, 1)):
@@ -353,7 +360,7 @@ def test_random_erasing_prob_and_area(tiny_cfg):
     """RE_PROB 1 erases one box in every image, of RE_AREA's share: with [0.25, 0.25] about a
     quarter of the pixels change (box sides rounded: 0.15-0.35). Breakages: INPUT.RE_PROB not
     passed (0.5: some images unchanged); INPUT.RE_AREA not passed ([0.02, 1/3])."""
-    images, plain, _ = train_batch(tiny_cfg(*NO_AUG, "INPUT.RE_PROB", "1.0", "INPUT.RE_AREA",
+    images, plain, *_ = train_batch(tiny_cfg(*NO_AUG, "INPUT.RE_PROB", "1.0", "INPUT.RE_AREA",
                                             "[0.25, 0.25]"))
     changed = (images != plain).any(dim=2).float().mean(dim=(-2, -1))  # (B, 3) per modality
     assert ((changed > 0.15) & (changed < 0.35)).all(), changed
@@ -365,7 +372,7 @@ def test_sync_modality_aug_shares_the_flip(tiny_cfg, sync):
     or all not; without, some sample's modalities differ (8 samples: all agreeing by chance has
     probability 4^-8, and the run is seeded). Breakage: INPUT.SYNC_MODALITY_AUG not passed or
     inverted."""
-    images, plain, _ = train_batch(tiny_cfg(*NO_AUG, "INPUT.FLIP_PROB", "0.5",
+    images, plain, *_ = train_batch(tiny_cfg(*NO_AUG, "INPUT.FLIP_PROB", "0.5",
                                             "INPUT.SYNC_MODALITY_AUG", str(sync)))
     flipped = torch.tensor([[not torch.allclose(images[b, m], plain[b, m], atol=1e-5)
                              for m in range(3)] for b in range(len(images))])
