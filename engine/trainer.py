@@ -96,6 +96,9 @@ class Trainer:
         self.bar = None
         self.hooks: List[HookBase] = []
         self.register_hooks(default_hooks(cfg, hooks))
+        # what the run is a function of (summary.json); the data fingerprint is logged at start
+        self.manifest = run_manifest(cfg, device, data, get_world_size())
+        self.logger.info("%s", data_line(self.manifest["data"]))
 
     def register_hooks(self, hooks: Sequence[HookBase]) -> None:
         """Append ``hooks`` (called in registration order)."""
@@ -351,14 +354,12 @@ class Trainer:
         """Log the final report and write summary.json: the last, best and paper-protocol
         evaluations, every evaluation (``history``) and the run manifest (``utils.manifest``)."""
         best_test = self.best_on_test()
-        manifest = run_manifest(self.cfg, self.device, self.data, get_world_size())
         summary = {"last": last, "best": self.best, "best_test_paper_protocol": best_test,
                    "train_seconds": seconds,
                    "world_size": get_world_size(), "test_feat": self.cfg.TEST.FEAT,
                    "nonfinite_steps": self.nonfinite_steps,
                    "skipped_train_images": self.skipped_train_images,
-                   "history": self.history, "manifest": manifest}
-        self.logger.info("%s", data_line(manifest["data"]))
+                   "history": self.history, "manifest": self.manifest}
         if last is not None:
             for split, metrics in last["results"].items():
                 self.logger.info("final (last epoch %d) %s: %s", last["epoch"], split,
