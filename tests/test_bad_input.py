@@ -195,5 +195,5 @@ def test_checkpoint_of_another_architecture_resume(other_architecture_checkpoint
     assert summary["last"]["epoch"] == 2  # resumed at epoch 2 with the matching weights
     log = open(os.path.join(_out(opts), "log.txt")).read()
     assert "optimizer state not restored" in log
-    state = torch.load(os.path.join(_out(opts), "checkpoint_epoch2.pth"), weights_only=False)
+    state = torch.load(os.path.join(_out(opts), "checkpoint_epoch2.pth"), weights_only=True)
     assert any(k.startswith("sdtps.") for k in state["model"])

@@ -41,7 +41,7 @@ def torchrun(args, env=None, timeout=120):
 
 
 def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_two_process_run_matches_single_process_evaluation(ddp_run, tmp_path):
                                              "model_best.pth", "summary.json", "tb"])
     assert len(os.listdir(os.path.join(out, "tb"))) == 1  # one events file
     assert "epoch 2 iter 1/" in open(os.path.join(out, "log.txt")).read()
-    state = torch.load(os.path.join(out, "checkpoint_epoch2.pth"), weights_only=False)
+    state = torch.load(os.path.join(out, "checkpoint_epoch2.pth"), weights_only=True)
     assert len(state["rng_per_rank"]) == 2
 
     single = test_net.main(opts[:-4] + ["TEST.NECK_FEAT", "after", "OUTPUT_DIR",
@@ -89,7 +89,7 @@ def test_two_process_stop_on_one_rank_then_resume_is_exact(ddp_run, tmp_path):
     stopped = torchrun(run_opts, env={"HOOK_STOP_AT": "1:2:2"})  # rank 1 only
     assert stopped.returncode != 0
     assert "stopped by signal at epoch 2 iteration 2" in stopped.stdout + stopped.stderr
-    state = torch.load(os.path.join(resumed_out, "checkpoint_epoch1.pth"), weights_only=False)
+    state = torch.load(os.path.join(resumed_out, "checkpoint_epoch1.pth"), weights_only=True)
     assert (state["epoch"], state["iteration"]) == (1, 2)
 
     resumed = torchrun(["--resume"] + run_opts)

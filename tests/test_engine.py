@@ -11,7 +11,7 @@ from engine.hooks import HookBase
 
 
 def _weights(path):
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     return state["model"]
 
 
@@ -45,7 +45,7 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_opts):
 
     with pytest.raises(SystemExit, match="resume"):
         train_net.main(list(tiny_opts), hooks=[StopMidEpoch()])
-    interrupted = torch.load(os.path.join(out, "checkpoint_epoch1.pth"), weights_only=False)
+    interrupted = torch.load(os.path.join(out, "checkpoint_epoch1.pth"), weights_only=True)
     assert (interrupted["epoch"], interrupted["iteration"]) == (1, 2)
 
     train_net.main(["--resume"] + list(tiny_opts))

@@ -93,7 +93,7 @@ def test_best_checkpointer_alone_selects_on_validation(tmp_path):
         if epoch == 1:
             assert os.stat(best).st_mtime_ns == first and t.best["epoch"] == 1
     assert (t.best["epoch"], t.best["split"], t.best["mAP"]) == (3, "val", 0.6)
-    assert torch.load(best, weights_only=False)["epoch"] == 3
+    assert torch.load(best, weights_only=True)["epoch"] == 3
 
 
 def test_eval_hook_alone_respects_its_period(tmp_path, monkeypatch):
@@ -163,7 +163,7 @@ def test_dataset_and_fusion_from_outside_the_package(synthetic_root, tmp_path):
     assert "Dataset CSVTriplets statistics" in log
     assert re.search(rf"train\s*\|\s*6\s*\|\s*{num_train}\s*\|", log)
     assert "heads: ori, fused" in log
-    state = torch.load(out / "checkpoint_epoch1.pth", weights_only=False)["model"]
+    state = torch.load(out / "checkpoint_epoch1.pth", weights_only=True)["model"]
     assert any(k.startswith("sdtps.") for k in state)
     assert not any(k.startswith("dgaf.") for k in state)
     assert state["heads.fused.bn.weight"].shape == state["heads.ori.bn.weight"].shape  # 3C wide
@@ -182,7 +182,7 @@ def test_backbone_selection_loss_and_evaluator_from_outside_the_package(syntheti
         "MODEL:\n  BACKBONE_TYPE: conv\n  LOSSES: [reid, center]\n"
         "  SELECTION:\n    NAME: random\n  FUSION:\n    NAME: mean\n"
         "TEST:\n  EVALUATORS: [reid, feature_norm]\n"))
-    state = torch.load(out / "checkpoint_epoch1.pth", weights_only=False)["model"]
+    state = torch.load(out / "checkpoint_epoch1.pth", weights_only=True)["model"]
     assert "backbone.embed.0.weight" in state and not any(k.startswith("backbone.vit") for k in state)
     centers = state["objectives.center.centers"]  # zeros at init, moved by the optimizer
     assert centers.shape[0] == 6 and bool((centers != 0).any())

@@ -32,7 +32,7 @@ def _out(opts):
 
 
 def _weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def _assert_same_weights(a, b):
@@ -132,7 +132,7 @@ def test_sigterm_checkpoints_mid_epoch_then_resume_is_exact(tiny_opts, reference
     code, output = _run_until(opts, "epoch 2 iter 1/", signal.SIGTERM)
     assert code == 1, output
     assert "signal 15 received" in output and "resume with --resume" in output
-    state = torch.load(os.path.join(out, "checkpoint_epoch1.pth"), weights_only=False)
+    state = torch.load(os.path.join(out, "checkpoint_epoch1.pth"), weights_only=True)
     assert state["epoch"] == 1 and state["iteration"] >= 1  # mid-epoch position (0-based epoch 1)
     proc = _run(["--resume"] + opts)
     assert f"at epoch 2, iteration {state['iteration']}" in proc.stdout

@@ -35,7 +35,7 @@ class StopAfter(HookBase):
 
 def _final_weights(out: str) -> dict:
     return torch.load(os.path.join(out, "checkpoint_epoch1.pth"), map_location="cpu",
-                      weights_only=False)["model"]
+                      weights_only=True)["model"]
 
 
 def test_the_training_step_draws_random_numbers(synthetic_root, tmp_path):
@@ -66,7 +66,7 @@ def test_resume_mid_epoch_gives_the_uninterrupted_weights(synthetic_root, tmp_pa
     with pytest.raises(SystemExit):
         train_net.main(opts("stopped"), hooks=[StopAfter(1, 2)])
     state = torch.load(os.path.join(tmp_path / "stopped", "checkpoint_epoch0.pth"),
-                       map_location="cpu", weights_only=False)
+                       map_location="cpu", weights_only=True)
     assert (state["epoch"], state["iteration"]) == (0, 2)  # resumed mid-epoch, not at its start
     train_net.main(["--resume"] + opts("stopped"))
     straight, resumed = _final_weights(str(tmp_path / "straight")), _final_weights(str(tmp_path / "stopped"))
