@@ -295,6 +295,7 @@ def train_batch(cfg):
     from data.transforms import pil_triplet_to_tensor
 
     data = build_data(cfg)
+    torch.manual_seed(0)  # the augmentation's draws: the same batch on every run
     batch = next(iter(data.train_loader))
     images = batch["images"]
     if data.train_augment is not None:
