@@ -38,7 +38,8 @@ def quantiles(x: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def spreads(model, loader, batches: int):
+def pair_outputs(model, loader, batches: int):
+    """SDTPS's raw pair scores (B, 3, 3, N) and gates (B, 3, 3, H, N) over the first batches."""
     scores, gates = [], []
     model.eval()
     for i, batch in enumerate(loader):
@@ -48,7 +49,26 @@ def spreads(model, loader, batches: int):
         pairs = model.selection.pair_scores(tokens[:, :, 1:], tokens[:, :, 0])
         scores.append(pairs.score)  # (B, 3, 3, N)
         gates.append(pairs.gate)  # (B, 3, 3, H, N)
-    score, gate = torch.cat(scores), torch.cat(gates)
+    return torch.cat(scores), torch.cat(gates)
+
+
+def model_at_init(cfg, num_classes: int, num_cams: int):
+    """The config's model as initialised with its seed (SOLVER.SEED)."""
+    torch.manual_seed(cfg.SOLVER.SEED)
+    return build_model(cfg, num_classes, num_cams)
+
+
+def trained_model(path: str):
+    """A checkpoint's model, built from the config stored in it (its classes: less VAL_IDS)."""
+    checkpoint = load_checkpoint_file(path)
+    cfg = CfgNode.load_cfg(checkpoint["cfg"])
+    model = build_model(cfg, *dataset_class(cfg.DATASETS.NAMES).train_size(cfg))
+    model.load_state_dict(extract_model_state(checkpoint))
+    return cfg, model
+
+
+def spreads(model, loader, batches: int):
+    score, gate = pair_outputs(model, loader, batches)
     return {"score_range": score.amax(-1) - score.amin(-1),
             "gate_range": gate.amax(-1) - gate.amin(-1), "gate_std": gate.std(-1, correction=0)}
 
@@ -68,15 +88,11 @@ def main(argv=None):
     rows = []
     for norm in args.gate_norms:
         cfg = build_cfg(args.config_file, args.opts + ["MODEL.SDTPS.GATE_NORM", norm])
-        torch.manual_seed(cfg.SOLVER.SEED)
-        model = build_model(cfg, data.num_classes, data.num_cams)
+        model = model_at_init(cfg, data.num_classes, data.num_cams)
         rows.append((f"init, gate_norm {norm}", spreads(model, loader, args.batches)))
     for item in args.weights:
         label, path = item.split("=", 1)
-        checkpoint = load_checkpoint_file(path)
-        cfg = CfgNode.load_cfg(checkpoint["cfg"])  # the run's own config (its classes: less VAL_IDS)
-        model = build_model(cfg, *dataset_class(cfg.DATASETS.NAMES).train_size(cfg))
-        model.load_state_dict(extract_model_state(checkpoint))
+        cfg, model = trained_model(path)
         rows.append((f"{label} (gate_norm {cfg.MODEL.SDTPS.GATE_NORM})", spreads(model, loader, args.batches)))
     print(f"{args.config_file}: min / median / max over samples x 9 pairs (x heads for the gate)")
     print("| model | score max-min | 1 / (score max-min) | gate max-min | gate std over N |")

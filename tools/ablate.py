@@ -6,6 +6,7 @@
     python tools/ablate.py --grid G.yml --launcher slurm --partition gpu --gpus-per-run 1 \
         --max-parallel 16 --time-min 600                                       # a Slurm array
     python tools/ablate.py --grid G.yml --collect       # only the table, from the run folders
+    python tools/ablate.py --study configs/studies/cosine_gate_Synthetic.yml [--dry_run|--collect]
 
 A grid file (yaml) names a base config, common overrides, the rows and the seeds::
 
@@ -79,10 +80,19 @@ results.csv holds fractions (0-1, as in summary.json) at full precision; results
 percent with 2 decimals, the command line that produced it and the date. ``--dry_run`` validates
 the grid and prints what would run (and the commands) without touching anything.
 
+A study (``--study``, ``configs/studies/``) is several grids run as one: a row shared by
+grids (same resolved config) runs once, every run goes through the same launchers and skip /
+resume rules, each grid gets its results.csv / results.md in ``<output>/<grid>/``, and the study
+one REPORT.md with plots in ``<output>`` (default ``output/studies/<study name>``);
+``--dry_run`` also prints the estimated cost from the study's stated epoch time, and
+``--collect`` rebuilds the tables and REPORT.md from the run folders (also while the study runs).
+See tools/ablation/study.py and docs/study.md.
+
 This file is the command line; the work is done by ``tools/ablation/``: ``grid.py`` (the grid
 file), ``plan.py`` (runs, folder states, stamps), ``launch.py`` (local and Slurm launchers),
 ``aggregate.py`` (summary.json values per row), ``stats.py`` (statistics: intervals,
-Welch p-values, Holm), ``report.py`` (tables).
+Welch p-values, Holm), ``report.py`` (tables), ``study.py`` (study files), ``study_report.py``,
+``figures.py`` and ``gates.py`` (a study's REPORT.md, its plots and gate values).
 """
 
 import argparse
@@ -101,6 +111,8 @@ from tools.ablation.grid import GridError, load_grid  # noqa: E402
 from tools.ablation.launch import Console, Forward, grid_lock, launch_local, launch_slurm  # noqa: E402
 from tools.ablation.plan import TRAIN_NET, Run, inspect_run, plan_runs, write_stamp  # noqa: E402
 from tools.ablation.report import write_results  # noqa: E402
+from tools.ablation.study import estimate_line, load_study, plan_study, shared_with  # noqa: E402
+from tools.ablation.study_report import write_report  # noqa: E402
 from utils.outputs import OutputPathError, check_output_folder  # noqa: E402
 
 # Also importable from here (the tests use them; TRAIN_NET may be replaced by a stand-in).
@@ -111,9 +123,13 @@ __all__ = ["main", "load_grid", "plan_runs", "inspect_run", "write_stamp", "aggr
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", required=True, metavar="FILE", help="grid yaml (configs/ablations/)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--grid", metavar="FILE", help="grid yaml (configs/ablations/)")
+    source.add_argument("--study", metavar="FILE",
+                        help="study yaml (configs/studies/): its grids, run together, one REPORT.md")
     parser.add_argument("--output", default="", metavar="DIR",
-                        help="output folder (default: output/ablations/<grid name>)")
+                        help="output folder (default: output/ablations/<grid name>, "
+                             "output/studies/<study name>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="override the grid's seeds (each sets SOLVER.SEED)")
     parser.add_argument("--dry_run", action="store_true",
@@ -129,8 +145,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="GPUs of each run (local: disjoint CUDA_VISIBLE_DEVICES sets; 0: "
                              "the runs share the CPU threads / devices)")
     parser.add_argument("--collect", action="store_true",
-                        help="run nothing: build results.csv / results.md from the run folders "
-                             "(a grid that ran elsewhere)")
+                        help="run nothing: build results.csv / results.md (and a study's "
+                             "REPORT.md) from the run folders (a grid that ran elsewhere, a "
+                             "study still running)")
+    parser.add_argument("--no-gates", action="store_true",
+                        help="study report without the gate values (no model is built)")
     slurm = parser.add_argument_group("slurm (--launcher slurm)")
     slurm.add_argument("--partition", default="", help="Slurm partition")
     slurm.add_argument("--time-min", type=int, default=24 * 60, metavar="MIN",
@@ -147,11 +166,101 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def launch(runs: List[Run], say: Console, forward: Forward, args, output: str, name: str) -> List[Run]:
+    """Train the unfinished runs with the chosen launcher (SIGTERM forwarded); the failed ones."""
+    previous = signal.signal(signal.SIGTERM, forward.handler)
+    try:
+        if args.launcher == "slurm":
+            return launch_slurm(runs, say, args, output, name)
+        return launch_local(runs, say, forward, args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def print_runs(runs: List[Run], names=None) -> None:
+    """--dry_run: each run's state and command (and which grid rows read it)."""
+    for run in runs:
+        action = {"finished": "skip (finished)", "resume": "resume", "new": "run",
+                  "stale": f"stale, would move aside and rerun: {run.detail}"}[run.state]
+        readers = names[run.folder] if names else []
+        shared = f" [read by {', '.join(readers)}]" if len(readers) > 1 else ""
+        print(f"# {run.label}: {action}{shared}")
+        print(shlex.join(run.command(run.state == "resume")))
+
+
+def counts_line(runs: List[Run]) -> str:
+    counts = {s: sum(r.state == s for r in runs) for s in ("finished", "resume", "new", "stale")}
+    return (f"{counts['finished']} finished, {counts['resume']} to resume, {counts['new']} to run, "
+            f"{counts['stale']} stale (config changed)")
+
+
+def ended(say: Console, forward: Forward, failed: List[Run], what: str) -> int:
+    """The exit status after the launch, with its message."""
+    if forward.stop:
+        say(f"stopped by SIGTERM; run the same command again to resume the {what}")
+        return 143
+    if failed:
+        say(f"{len(failed)} run(s) failed: {', '.join(r.label for r in failed)} "
+            f"(rerun the same command to retry them)")
+        return 1
+    return 0
+
+
+def study_main(args, command: str) -> int:
+    """--study: plan every grid, train the unique runs, write each grid's tables and REPORT.md."""
+    try:
+        study = load_study(args.study, args.seeds)
+        output = args.output or os.path.join("output", "studies", study.name)
+        check_output_folder(output, "--output")
+        unique, by_grid = plan_study(study, output, TRAIN_NET)
+        unique = [inspect_run(r) for r in unique]
+    except (GridError, OutputPathError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    names = shared_with(unique, by_grid)
+    total = sum(len(runs) for runs in by_grid.values())
+    summary_line = (f"study {study.name}: {len(study.grids)} grids, {total} grid runs, "
+                    f"{len(unique)} unique (rows shared by grids run once) in {output}: "
+                    + counts_line(unique))
+    if args.dry_run:
+        print(summary_line)
+        print_runs(unique, names)
+        print(estimate_line(study, unique, args.max_parallel))
+        print(f"# the report would be written to {os.path.join(output, 'REPORT.md')}")
+        return 0
+    os.makedirs(output, exist_ok=True)
+    say = Console(os.path.join(output, "ablate.log"))
+    forward, failed = Forward(), []
+    try:
+        say(f"command: {command}")
+        say(summary_line)
+        if args.collect:
+            say("--collect: nothing is run; the tables and REPORT.md are built from the run folders")
+        else:
+            with grid_lock(output):
+                failed = launch(unique, say, forward, args, output, study.name)
+        tables = {}
+        for grid in study.grids:
+            tables[grid.name] = aggregate(grid, by_grid[grid.name])
+            write_results(grid, tables[grid.name], os.path.join(output, grid.name), command)
+        report = write_report(study, by_grid, tables, output, command, gates=not args.no_gates)
+        say(f"report: {report}")
+    except GridError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        say("interrupted; run the same command again to resume the study")
+        return 130
+    return ended(say, forward, failed, "study")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     prog = os.path.relpath(os.path.abspath(__file__))
     command = shlex.join(["python", prog if not prog.startswith("..") else __file__] + argv)
+    if args.study:
+        return study_main(args, command)
     try:
         grid = load_grid(args.grid, args.seeds)
         output = args.output or os.path.join("output", "ablations", grid.name)
@@ -160,17 +269,11 @@ def main(argv=None) -> int:
     except (GridError, OutputPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    counts = {s: sum(r.state == s for r in runs) for s in ("finished", "resume", "new", "stale")}
     summary_line = (f"grid {grid.name}: {len(grid.rows)} rows x {len(grid.seeds)} seeds = {len(runs)} "
-                    f"runs in {output}: {counts['finished']} finished, {counts['resume']} to resume, "
-                    f"{counts['new']} to run, {counts['stale']} stale (config changed)")
+                    f"runs in {output}: " + counts_line(runs))
     if args.dry_run:
         print(summary_line)
-        for run in runs:
-            action = {"finished": "skip (finished)", "resume": "resume", "new": "run",
-                      "stale": f"stale, would move aside and rerun: {run.detail}"}[run.state]
-            print(f"# {run.label}: {action}")
-            print(shlex.join(run.command(run.state == "resume")))
+        print_runs(runs)
         print(f"# results would be written to {os.path.join(output, 'results.csv')} and results.md")
         return 0
 
@@ -185,14 +288,7 @@ def main(argv=None) -> int:
             if args.collect:
                 say("--collect: nothing is run; the table is built from the run folders")
             else:
-                previous = signal.signal(signal.SIGTERM, forward.handler)
-                try:
-                    if args.launcher == "slurm":
-                        failed = launch_slurm(runs, say, args, output, grid.name)
-                    else:
-                        failed = launch_local(runs, say, forward, args)
-                finally:
-                    signal.signal(signal.SIGTERM, previous)
+                failed = launch(runs, say, forward, args, output, grid.name)
             table = aggregate(grid, runs)
             write_results(grid, table, output, command)
             say(f"results: {os.path.join(output, 'results.csv')}, {os.path.join(output, 'results.md')}")
@@ -202,14 +298,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         say("interrupted; run the same command again to resume the grid")
         return 130
-    if forward.stop:
-        say("stopped by SIGTERM; run the same command again to resume the grid")
-        return 143
-    if failed:
-        say(f"{len(failed)} run(s) failed: {', '.join(r.label for r in failed)} "
-            f"(rerun the same command to retry them)")
-        return 1
-    return 0
+    return ended(say, forward, failed, "grid")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ METRICS = ("mAP", "R1", "R5", "R10", "mINP")
 # patches on the person, of all patches (= a random selection), of a perfect selection.
 FG_METRICS = ("fg_precision", "fg_share", "fg_best")
 NA = "n/a"
+# The selections of the reported epoch: column prefix -> what it is.
+SELECTIONS = {"": "last epoch", "best_": "validation-selected epoch",
+              "paper_": "best test epoch (the paper's protocol)"}
 
 
 def run_metrics(summary: dict):
@@ -58,7 +61,8 @@ def run_params(folder: str) -> Optional[float]:
 
 def aggregate(grid: Grid, runs: List[Run], with_params: bool = True) -> List[dict]:
     """One dict per row: the columns of results.csv (fractions; None = n/a)."""
-    table, lasts_by_row = [], {}
+    table = []
+    values_by = {prefix: {} for prefix in SELECTIONS}  # selection -> row -> per-seed metrics
     for row in grid.rows:
         lasts, bests, best_epochs, seconds, seeds, missing, papers = [], [], [], [], [], [], []
         inflations = []  # per seed: the paper protocol's test metrics minus the last epoch's
@@ -112,22 +116,32 @@ def aggregate(grid: Grid, runs: List[Run], with_params: bool = True) -> List[dic
         line["train_seconds_mean"] = mean_std(seconds)[0]
         line["resumed"] = resumed
         table.append(line)
-        lasts_by_row[row.name] = lasts
-    compare_with_reference(table, lasts_by_row, grid.reference)
+        values_by[""][row.name] = lasts
+        values_by["best_"][row.name] = bests if val_ok else []
+        values_by["paper_"][row.name] = papers if len(papers) == len(lasts) else []
+        for prefix in ("best_", "paper_"):
+            for key in METRICS:
+                line[f"{prefix}{key}_ci_low"], line[f"{prefix}{key}_ci_high"] = (
+                    t_interval([m[key] for m in values_by[prefix][row.name]]) or (None, None))
+    for prefix, by_row in values_by.items():
+        compare_with_reference(table, by_row, grid.reference, prefix)
     return table
 
 
-def compare_with_reference(table: List[dict], lasts_by_row: dict, reference: Optional[str]) -> None:
-    """Add each row's last-epoch difference from the reference row: ``<metric>_diff`` with its
-    interval, Welch's p-value and, per metric, the p-values Holm-adjusted over the other rows."""
+def compare_with_reference(table: List[dict], values_by_row: dict, reference: Optional[str],
+                           prefix: str = "") -> None:
+    """Add each row's difference from the reference row for one selection of the epoch (prefix
+    ``""``: last, ``best_``: validation-selected, ``paper_``: best test epoch):
+    ``<prefix><metric>_diff`` with its interval, Welch's p-value and, per metric, the p-values
+    Holm-adjusted over the other rows."""
     for key in METRICS:
-        tests = [welch([m[key] for m in lasts_by_row[line["row"]]],
-                       [m[key] for m in lasts_by_row[reference]])
+        tests = [welch([m[key] for m in values_by_row[line["row"]]],
+                       [m[key] for m in values_by_row[reference]])
                  if reference is not None and line["row"] != reference else None for line in table]
         adjusted = holm([test.p if test else None for test in tests])
         for line, test, p_holm in zip(table, tests, adjusted):
-            line[f"{key}_diff"] = test.diff if test else None
-            line[f"{key}_diff_low"] = test.low if test else None
-            line[f"{key}_diff_high"] = test.high if test else None
-            line[f"{key}_p"] = test.p if test else None
-            line[f"{key}_p_holm"] = p_holm
+            line[f"{prefix}{key}_diff"] = test.diff if test else None
+            line[f"{prefix}{key}_diff_low"] = test.low if test else None
+            line[f"{prefix}{key}_diff_high"] = test.high if test else None
+            line[f"{prefix}{key}_p"] = test.p if test else None
+            line[f"{prefix}{key}_p_holm"] = p_holm

@@ -38,6 +38,7 @@ class Grid:
     rows: List[Row]
     seeds: List[int]
     reference: Optional[str] = None  # the row the others are compared with (Welch's t-test)
+    description: str = ""
 
 
 def _opts_list(value, where: str) -> List[str]:
@@ -88,17 +89,30 @@ def resolve_base(base: str, grid_path: str) -> str:
     raise GridError(f"{grid_path}: config not found: {base} (looked in {os.getcwd()} and {ROOT})")
 
 
-def load_grid(path: str, seeds: Optional[List[int]] = None) -> Grid:
-    """Parse and check a grid file (structure only; ``plan.plan_runs`` resolves the configs)."""
+def read_yaml(path: str, what: str) -> dict:
+    """A yaml file holding a mapping (a grid or a study file)."""
     if not os.path.isfile(path):
-        raise GridError(f"grid file not found: {path}")
+        raise GridError(f"{what} file not found: {path}")
     with open(path) as f:
         try:
             content = yaml.safe_load(f) or {}
         except yaml.YAMLError as exc:
             raise GridError(f"{path}: not valid yaml: {exc}") from exc
     if not isinstance(content, dict):
-        raise GridError(f"{path}: expected a mapping with base, opts, rows, seeds")
+        raise GridError(f"{path}: expected a mapping (a {what} file)")
+    return content
+
+
+def load_grid(path: str, seeds: Optional[List[int]] = None) -> Grid:
+    """Parse and check a grid file (structure only; ``plan.plan_runs`` resolves the configs)."""
+    content = read_yaml(path, "grid")
+    return parse_grid(content, path, os.path.splitext(os.path.basename(path))[0], seeds)
+
+
+def parse_grid(content: dict, path: str, name: str, seeds: Optional[List[int]] = None) -> Grid:
+    """A grid from its mapping (a grid file's content, or one grid of a study file); ``path``
+    names it in messages."""
+    grid_name = name
     unknown = set(content) - GRID_KEYS
     if unknown:
         raise GridError(f"{path}: unknown grid key(s) {', '.join(sorted(map(str, unknown)))}; "
@@ -148,7 +162,7 @@ def load_grid(path: str, seeds: Optional[List[int]] = None) -> Grid:
     if reference is not None and str(reference) not in names:
         raise GridError(f"{path}: reference: no row is named {str(reference)!r} (rows: "
                         f"{', '.join(r.name for r in rows)}); name one of them or remove the key")
-    name = os.path.splitext(os.path.basename(path))[0]
-    return Grid(name, path, base, resolve_base(base, path),
+    return Grid(grid_name, path, base, resolve_base(base, path),
                 _opts_list(content.get("opts"), f"{path}: opts"), rows, seeds,
-                None if reference is None else str(reference))
+                None if reference is None else str(reference),
+                str(content.get("description") or ""))

@@ -76,7 +76,7 @@ def prepare(run: Run, say: Console) -> Tuple[List[str], dict]:
     os.makedirs(run.folder, exist_ok=True)
     cmd = run.command(resume)
     attempt = {"start": datetime.datetime.now().isoformat(timespec="seconds"), "resume": resume,
-               "command": shlex.join(cmd)}
+               "command": shlex.join(cmd), "cwd": os.getcwd()}  # relative config paths start here
     write_stamp(run, attempt)
     return cmd, attempt
 
