@@ -70,15 +70,11 @@ class RecordingCfgNode(CfgNode):
         with self.__dict__["_recorder"].pause():
             return method(*args, **kwargs)
 
-    def __deepcopy__(self, memo):
-        with self.__dict__["_recorder"].pause():
-            copied = _convert(self, self.__dict__["_recorder"], self.__dict__["_prefix"])
+    def __deepcopy__(self, memo):  # clone(): a recording copy into the same set
+        copied = _convert(self, self.__dict__["_recorder"], self.__dict__["_prefix"])
         if self.is_frozen():
             copied.freeze()
         return copied
-
-    def dump(self, **kwargs):
-        return self._quietly(super().dump, **kwargs)
 
     def _immutable(self, is_immutable):
         return self._quietly(super()._immutable, is_immutable)
@@ -86,12 +82,8 @@ class RecordingCfgNode(CfgNode):
     def __str__(self):
         return self._quietly(super().__str__)
 
-    def __repr__(self):
-        return self._quietly(super().__repr__)
-
-    def __reduce__(self):  # pickled (e.g. to a worker process) as a plain CfgNode
-        with self.__dict__["_recorder"].pause():
-            return CfgNode, (_plain(self),)
+    def __reduce__(self):  # pickled (e.g. to a worker process) as a plain CfgNode, unread
+        return CfgNode, (_plain(self),)
 
 
 def _plain(node: CfgNode) -> dict:

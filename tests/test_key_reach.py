@@ -117,3 +117,19 @@ def test_tool_keys_are_read_by_their_tool(key):
     with open(os.path.join(ROOT, TOOL_KEYS[key])) as f:
         source = f.read()
     assert key in source, f"{TOOL_KEYS[key]} does not read {key}"
+
+
+def test_the_recorder_counts_reads_and_nothing_else():
+    """Reads through attributes, items, get and items() are noted; clone, dump, printing and
+    pickling are not (else every key would look read and the test above would pass vacuously).
+    The copy keeps recording into the same set and stays frozen."""
+    import pickle
+
+    cfg, reads = record_reads(build_cfg("", ["MODEL.DEVICE", "cpu"]))
+    copied = cfg.clone()
+    cfg.dump(), str(cfg), repr(cfg), pickle.dumps(cfg), copied.dump()
+    assert reads == set() and copied.is_frozen()
+    cfg.MODEL.DEVICE, cfg["SOLVER"]["SEED"], cfg.TEST.get("FLIP"), copied.TEST.RERANK.K1
+    dict(cfg.DATASETS.SYNTHETIC.items())
+    assert reads == {"MODEL.DEVICE", "SOLVER.SEED", "TEST.FLIP", "TEST.RERANK.K1"} | {
+        f"DATASETS.SYNTHETIC.{k}" for k in cfg.DATASETS.SYNTHETIC}
