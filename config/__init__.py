@@ -30,7 +30,9 @@ CHOICES = {
     "INPUT.TRAIN_INTERPOLATION": ("bicubic", "bilinear"),
     "TEST.NECK_FEAT": ("before", "after"),
     "TEST.DIST": ("cosine", "euclidean"),
-    "TEST.MISS": ("none", "r", "n", "t", "rn", "rt", "nt", "all"),
+    "TEST.MISS": ("none", "r", "n", "t", "rn", "rt", "nt", "all", "matrix"),
+    "TEST.QUERY_MISS": ("", "none", "r", "n", "t", "rn", "rt", "nt"),
+    "TEST.GALLERY_MISS": ("", "none", "r", "n", "t", "rn", "rt", "nt"),
     "MODEL.COMPILE": ("", "default", "reduce-overhead", "max-autotune"),
     "INPUT.AUG_DEVICE": ("loader", "model"),
     "DATALOADER.CACHE": ("none", "memory"),
@@ -162,6 +164,9 @@ def validate_cfg(cfg: CfgNode) -> None:
             f"SOLVER.IMS_PER_BATCH ({batch}) must be a positive multiple of "
             f"DATALOADER.NUM_INSTANCE ({instances}) (a batch is P identities x K instances)"
         )
+    if cfg.TEST.MISS in ("all", "matrix") and (cfg.TEST.QUERY_MISS or cfg.TEST.GALLERY_MISS):
+        raise ConfigError(f"TEST.MISS {cfg.TEST.MISS} is a table of settings: leave TEST.QUERY_MISS "
+                          "and TEST.GALLERY_MISS empty (they pick one setting)")
     if "reid" not in cfg.TEST.EVALUATORS:
         raise ConfigError("TEST.EVALUATORS must include reid: checkpoints are selected and runs "
                           "reported by its mAP")

@@ -287,8 +287,14 @@ _C.TEST.AMP = "off"
 _C.TEST.NECK_FEAT = "before"
 # Distance: "euclidean" (DeMo) or "cosine", both on L2-normalised features (same ranking).
 _C.TEST.DIST = "euclidean"
-# Missing modality at test time: none, r, n, t, rn, rt, nt, or all (test_net.py table).
+# Missing modality at test time: none, r, n, t, rn, rt, nt, or all (test_net.py table), or
+# matrix (test_net.py: every query subset against every gallery subset, 7 x 7, and a heat map).
 _C.TEST.MISS = "none"
+# Missing modality of the queries only ("" = as TEST.MISS), e.g. RGB-only queries against a
+# full gallery: TEST.QUERY_MISS nt. Every evaluation (training too) uses it.
+_C.TEST.QUERY_MISS = ""
+# Missing modality of the gallery only ("" = as TEST.MISS); the gallery gets a second pass.
+_C.TEST.GALLERY_MISS = ""
 # Average features of the image and its horizontal flip.
 _C.TEST.FLIP = False
 # Write features, pids, camids and paths per split to this .npz file (test_net.py).

@@ -7,12 +7,14 @@ kept. :func:`evaluate` does it with the evaluators ``TEST.EVALUATORS`` names and
 test options; training, ``test_net.py`` and the tools all go through it.
 
 Missing-modality evaluation (``TEST.MISS``): the named modalities' inputs are replaced by zeros
-after normalisation, as in the published protocol. Flip TTA (``TEST.FLIP``) averages the features
+after normalisation, as in the published protocol. ``TEST.QUERY_MISS`` / ``TEST.GALLERY_MISS``
+give the query and the gallery different subsets: the gallery's features come from a second pass
+(:class:`FeatureCollector`) and :func:`rank_metrics` ranks them against the query's. Flip TTA (``TEST.FLIP``) averages the features
 of the image and its horizontal mirror.
 """
 import sys
 from contextlib import nullcontext
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -138,6 +140,9 @@ class ReIDEvaluator(DatasetEvaluator):
         self.names = (feat,) + tuple(n for n in report_feats if n != feat)
         self.dist, self.reranker = dist, reranker
         self.extracted: Optional[Dict] = None
+        # ``extracted`` of another pass over the same set whose gallery rows are ranked instead
+        # of this pass's (TEST.GALLERY_MISS; set by :func:`evaluate`)
+        self.gallery_from: Optional[Dict] = None
         self.reset()
 
     @classmethod
@@ -157,21 +162,41 @@ class ReIDEvaluator(DatasetEvaluator):
         for key in self._meta:
             self._meta[key].append(batch[key])
 
-    def evaluate(self) -> Dict:
+    def extract(self) -> Dict:
+        """Gather the shards into ``extracted`` (see the class) and return it."""
         local = {name: torch.cat(v) if v else torch.zeros(0, 0) for name, v in self._feats.items()}
         feats = {name: gather(v).float() for name, v in local.items()}
         ex = {"feats": feats[self.feat], "extra_feats": {n: feats[n] for n in self.names[1:]}}
         for key, v in self._meta.items():
             ex[key] = gather(torch.cat(v) if v else torch.zeros(0, dtype=torch.long)).numpy().astype(np.int64)
         self.extracted = ex
-        metrics = rank_metrics(ex, self.eval_set, self.dist, self.reranker)
+        return ex
+
+    def evaluate(self) -> Dict:
+        ex, gal = self.extract(), self.gallery_from
+        metrics = rank_metrics(ex, self.eval_set, self.dist, self.reranker, gal)
         if self.report_feats:
             metrics["by_feat"] = {}
             for name in self.report_feats:
                 other = metrics if name == self.feat else rank_metrics(
-                    {**ex, "feats": ex["extra_feats"][name]}, self.eval_set, self.dist, self.reranker)
+                    {**ex, "feats": ex["extra_feats"][name]}, self.eval_set, self.dist, self.reranker,
+                    None if gal is None else {**gal, "feats": gal["extra_feats"][name]})
                 metrics["by_feat"][name] = {k: other[k] for k in RANK_KEYS}
         return metrics
+
+
+class FeatureCollector(ReIDEvaluator):
+    """A :class:`ReIDEvaluator` that only gathers ``extracted`` and reports nothing: the gallery
+    pass of ``TEST.GALLERY_MISS`` and the seven passes of ``TEST.MISS matrix``."""
+
+    @classmethod
+    def like(cls, reid: ReIDEvaluator) -> "FeatureCollector":
+        """A collector of the features ``reid`` ranks (same feature, neck, norm, report feats)."""
+        return cls(reid.eval_set, reid.feat, reid.neck_feat, reid.feat_norm, reid.report_feats)
+
+    def evaluate(self) -> Dict:
+        self.extract()
+        return {}
 
 
 @EVALUATOR_REGISTRY.register("foreground")
@@ -244,14 +269,31 @@ def inference_on_dataset(model, eval_set, evaluators: Sequence[DatasetEvaluator]
     return results
 
 
+def query_gallery_miss(cfg) -> Tuple[str, str]:
+    """(query, gallery) missing-modality codes: TEST.QUERY_MISS / TEST.GALLERY_MISS, each
+    TEST.MISS when empty."""
+    t = cfg.TEST
+    return t.QUERY_MISS or t.MISS, t.GALLERY_MISS or t.MISS
+
+
 def evaluate(model, eval_set, cfg, device, miss: Optional[str] = None,
              evaluators: Optional[Sequence[DatasetEvaluator]] = None) -> Dict:
     """Evaluate one evaluation set with the config's evaluators (or ``evaluators``) and test
-    options (TEST.MISS unless ``miss``, FLIP, AMP)."""
+    options (FLIP, AMP; missing modalities :func:`query_gallery_miss`, or ``miss`` for query and
+    gallery alike). With different query and gallery codes the query pass feeds ``evaluators``
+    and a second pass collects each ReID evaluator's gallery features."""
     if evaluators is None:
         evaluators = build_evaluators(cfg, eval_set)
-    return inference_on_dataset(model, eval_set, evaluators, device,
-                                miss if miss is not None else cfg.TEST.MISS, cfg.TEST.FLIP, cfg.TEST.AMP)
+    query_miss, gallery_miss = query_gallery_miss(cfg) if miss is None else (miss, miss)
+    for reid in (e for e in evaluators if isinstance(e, ReIDEvaluator)):
+        reid.gallery_from = None
+        if gallery_miss != query_miss:
+            collector = FeatureCollector.like(reid)
+            inference_on_dataset(model, eval_set, [collector], device, gallery_miss, cfg.TEST.FLIP,
+                                 cfg.TEST.AMP)
+            reid.gallery_from = collector.extracted
+    return inference_on_dataset(model, eval_set, evaluators, device, query_miss, cfg.TEST.FLIP,
+                                cfg.TEST.AMP)
 
 
 def split_query_gallery(extracted: Dict, eval_set):
@@ -264,15 +306,22 @@ def split_query_gallery(extracted: Dict, eval_set):
     return is_query, ~is_query
 
 
-def rank_metrics(extracted: Dict, eval_set, dist_metric: str, rerank=None) -> Dict:
+def rank_metrics(extracted: Dict, eval_set, dist_metric: str, rerank=None,
+                 gallery: Optional[Dict] = None) -> Dict:
     """mAP, CMC (R1/R5/R10) and mINP (fractions in [0, 1]) of extracted features.
 
     ``rerank``: optional callable (qf, gf) -> (Q, G) distance replacing the plain distance.
+    ``gallery``: the ``extracted`` of another pass over the same set (other missing modalities):
+    its gallery rows' features are ranked against ``extracted``'s query rows. The labels are the
+    same samples', so a shared query / gallery list still drops each query's own triplet (same
+    identity and camera: junk).
     """
+    gallery = extracted if gallery is None else gallery
+    if not np.array_equal(gallery["index"], extracted["index"]):
+        raise ValueError("query and gallery features come from passes over different samples")
     q, g = split_query_gallery(extracted, eval_set)
-    feats = extracted["feats"]
-    distmat = query_gallery_distance(feats[torch.from_numpy(q)], feats[torch.from_numpy(g)],
-                                     dist_metric, rerank)
+    distmat = query_gallery_distance(extracted["feats"][torch.from_numpy(q)],
+                                     gallery["feats"][torch.from_numpy(g)], dist_metric, rerank)
     scenes = {}
     if eval_set.uses_scenes:
         scenes = dict(q_scenes=extracted["sceneids"][q], g_scenes=extracted["sceneids"][g])
@@ -344,15 +393,16 @@ def format_metrics(metrics: Dict) -> str:
     return text
 
 
-def export_features(path: str, extracted: Dict, eval_set) -> None:
+def export_features(path: str, extracted: Dict, eval_set, gallery: Optional[Dict] = None) -> None:
     """Write features, pids, camids, sceneids and image paths of the query and gallery rows to a
     .npz file (keys ``query_feats``, ``query_pids``, ..., ``gallery_paths``; paths joined by '|'
-    for the three modalities)."""
+    for the three modalities). ``gallery``: the gallery pass's ``extracted`` (TEST.GALLERY_MISS),
+    whose features the gallery rows get."""
     q, g = split_query_gallery(extracted, eval_set)
     paths = np.array(["|".join(eval_set.samples[i].paths) for i in extracted["index"]])
     arrays = {}
-    for prefix, rows in (("query", q), ("gallery", g)):
-        arrays[f"{prefix}_feats"] = extracted["feats"].numpy()[rows]
+    for prefix, rows, source in (("query", q, extracted), ("gallery", g, gallery or extracted)):
+        arrays[f"{prefix}_feats"] = source["feats"].numpy()[rows]
         for key in ("pids", "camids", "sceneids"):
             arrays[f"{prefix}_{key}"] = extracted[key][rows]
         arrays[f"{prefix}_paths"] = paths[rows]

@@ -124,8 +124,8 @@ class Predictor:
             merge_opts(cfg, extra)
             validate_cfg(cfg)
             cfg.freeze()
-        if cfg.TEST.MISS == "all":
-            raise ValueError("TEST.MISS all is a table of settings, not one feature: set none, r, n, "
+        if cfg.TEST.MISS in ("all", "matrix"):
+            raise ValueError(f"TEST.MISS {cfg.TEST.MISS} is a table of settings, not one feature: set none, r, n, "
                              "t, rn, rt or nt (or pass None for a missing modality to embed)")
         self.cfg = cfg
         self.device = select_device(cfg)

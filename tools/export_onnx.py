@@ -164,7 +164,7 @@ def main(argv=None) -> Dict:
     predictor = Predictor(cfg, device="cpu")
     graph = predictor.retrieval_graph().eval()
     t = cfg.TEST
-    if t.MISS not in ("none", "all") or t.AMP != "off":
+    if t.MISS not in ("none", "all", "matrix") or t.AMP != "off":
         logger.info("not in the graph: TEST.MISS %s (feed zeros for a missing modality), TEST.AMP %s "
                     "(the export is fp32)", t.MISS, t.AMP)
     size = tuple(int(v) for v in cfg.INPUT.SIZE_TEST)

@@ -179,15 +179,16 @@ def main(argv=None) -> dict:
     out_dir = check_output_folder(args.output or os.path.join(cfg.OUTPUT_DIR, "rank_vis"),
                                   "--output" if args.output else "OUTPUT_DIR")  # before the work
     device, data, model, logger = load_trained(cfg)
-    if cfg.TEST.MISS == "all":
-        raise ValueError("TEST.MISS all is a table of settings; pick one (none, r, n, t, rn, rt, nt)")
+    if cfg.TEST.MISS in ("all", "matrix"):
+        raise ValueError(f"TEST.MISS {cfg.TEST.MISS} is a table of settings; pick one (none, r, n, t, rn, rt, nt)")
     test_set = data.eval_sets["test"]
     reid = ReIDEvaluator.from_config(cfg, test_set)
     evaluate(model, test_set, cfg, device, evaluators=[reid])
     ex = reid.extracted
     q, g = split_query_gallery(ex, test_set)
-    feats = F.normalize(ex["feats"], dim=1)
-    distmat = compute_distance(feats[torch.from_numpy(q)], feats[torch.from_numpy(g)],
+    gallery_feats = (reid.gallery_from or ex)["feats"]  # TEST.GALLERY_MISS: the gallery pass's
+    distmat = compute_distance(F.normalize(ex["feats"][torch.from_numpy(q)], dim=1),
+                               F.normalize(gallery_feats[torch.from_numpy(g)], dim=1),
                                cfg.TEST.DIST).cpu().numpy()
     keys = ex["sceneids"] if test_set.uses_scenes else ex["camids"]
     q_index, g_index = ex["index"][q], ex["index"][g]

@@ -296,3 +296,34 @@ def mask_edges(mask: np.ndarray) -> np.ndarray:
     padded = np.pad(m, 1, constant_values=False)
     interior = (padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
     return m & ~interior
+
+
+def heatmap(values, row_labels: Sequence[str], col_labels: Sequence[str], title: str,
+            cell: Tuple[int, int] = (64, 28), label_w: int = 96, decimals: int = 1) -> Image.Image:
+    """A table of ``values`` (R, C) drawn as "heat"-coloured cells (the colour scaled over the
+    finite values) with each value printed in its cell, ``row_labels`` left of the rows,
+    ``col_labels`` above the columns and ``title`` on top."""
+    v = np.asarray(values, dtype=np.float64)
+    font = get_font(11)
+    lh = line_height(font)
+    layout = GridLayout(rows=v.shape[0], cols=v.shape[1], cell_w=cell[0], cell_h=cell[1], gap=1,
+                        title_h=lh + 4, header_h=lh + 4)
+    colours = colormap(v, "heat")
+    image = Image.new("RGB", (layout.size[0] + label_w, layout.size[1]), WHITE)
+    draw = ImageDraw.Draw(image)
+    draw_text(draw, (layout.margin, layout.margin, image.width - layout.margin,
+                     layout.margin + layout.title_h), title, font)
+    for c, label in enumerate(col_labels):
+        x0, y0, x1, y1 = layout.header_box(c)
+        draw_text(draw, (x0 + label_w, y0, x1 + label_w, y1), label, font)
+    for r, label in enumerate(row_labels):
+        _, y0, _, y1 = layout.cell_box(r, 0)
+        draw_text(draw, (layout.margin, y0, layout.margin + label_w - 4, y1), label, font, align="right")
+        for c in range(v.shape[1]):
+            x0, y0, x1, y1 = layout.cell_box(r, c)
+            box = (x0 + label_w, y0, x1 + label_w, y1)
+            fill = tuple(int(x) for x in colours[r, c])
+            draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=fill)
+            dark = sum(fill) < 3 * 128
+            draw_text(draw, box, f"{v[r, c]:.{decimals}f}", font, fill=WHITE if dark else TEXT)
+    return image
