@@ -6,9 +6,10 @@ plain bilinear interpolation without antialias, "bicubic" timm's default, with a
 the CLS token. For CLIP-style models the tokens go through the final LayerNorm and a projection to
 ``MODEL.PROJ_DIM`` (512 for CLIP ViT-B/16), as DeMo does.
 
-Weights come only from a local file (``MODEL.PRETRAIN_PATH``): a timm/torch state dict, or an
-OpenAI CLIP checkpoint (the TorchScript archive or its state dict with ``visual.*`` keys). Nothing
-is downloaded; without a file the backbone starts from random init and the log says so.
+Weights come from a local file (``MODEL.PRETRAIN_PATH``): a timm/torch state dict, or an
+OpenAI CLIP checkpoint (the TorchScript archive or its state dict with ``visual.*`` keys); a name
+``openai:ViT-B-16`` is downloaded once into a cache and verified (``utils.download``). Without a
+file the backbone starts from random init and the log says so.
 """
 import os
 import zipfile
@@ -22,6 +23,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 
 from modeling.registry import BACKBONE_REGISTRY
 from utils.checkpoint import UNSAFE_REASON, UnsafeFileError, safe_load, short_reason
+from utils.download import resolve_weights
 from utils.logger import get_logger
 
 
@@ -39,7 +41,9 @@ def _is_torchscript(path: str) -> bool:
 
 def read_weight_file(path: str) -> dict:
     """State dict from a torch/timm checkpoint (read by ``utils.checkpoint.safe_load``) or an
-    OpenAI CLIP TorchScript archive (``torch.jit.load``: TorchScript only, no Python pickle)."""
+    OpenAI CLIP TorchScript archive (``torch.jit.load``: TorchScript only, no Python pickle).
+    ``openai:<model>`` is the cached download of that CLIP model (:func:`resolve_weights`)."""
+    path = resolve_weights(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MODEL.PRETRAIN_PATH not found: {path}")
     try:
