@@ -596,6 +596,8 @@ def read_image(path: str) -> Image.Image:
             return to_rgb8(img, path)
     except FileNotFoundError:
         raise FileNotFoundError(2, "image file not found", path) from None
+    except BadImageError:  # to_rgb8's own, already naming the file
+        raise
     except IsADirectoryError:
         raise BadImageError(f"cannot read image {path!r}: it is a directory") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

@@ -100,11 +100,10 @@ def parse_names(root: str, names: List[str]) -> List[tuple]:
     if not odd:
         return parsed
     if len(odd) * 2 > len(names):
-        if len(odd) < len(names):
-            get_logger().warning(
-                "--input %s: %d of %d names do not follow RGBNT201's pattern (e.g. "
-                "000123_cam3_2_05.jpg): %s; identities and cameras are left unknown (-1) for all",
-                root, len(odd), len(names), _listed(odd))
+        log = get_logger().warning if len(odd) < len(names) else get_logger().info
+        log("--input %s: %d of %d names do not follow RGBNT201's pattern (e.g. "
+            "000123_cam3_2_05.jpg): %s; identities and cameras are left unknown (-1) for all",
+            root, len(odd), len(names), _listed(odd))
         return [(-1, -1)] * len(names)
     get_logger().warning(
         "--input %s: %d of %d names do not follow RGBNT201's pattern (e.g. 000123_cam3_2_05.jpg): "
