@@ -158,9 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     """Write the kept-token PNG; returns its path, the keep masks and the geometry (for tests)."""
     args = build_parser().parse_args(argv)
-    if args.num_samples < 1 or args.scale < 0:
-        raise ValueError(f"--num_samples {args.num_samples} / --scale {args.scale}: --num_samples "
-                         "must be at least 1, --scale at least 0 (0: automatic)")
+    if args.num_samples < 1:
+        raise ValueError(f"--num_samples {args.num_samples}: must be at least 1")
+    if args.scale < 0:
+        raise ValueError(f"--scale {args.scale}: must be at least 0 (0: automatic)")
     cfg = build_cfg(args.config_file, args.opts)
     out = args.output or os.path.join(cfg.OUTPUT_DIR, "tokens.png")
     check_output(out, "--output" if args.output else "OUTPUT_DIR", (".png",),  # before the work
