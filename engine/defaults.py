@@ -231,9 +231,16 @@ def evaluation_config(cfg):
 
 
 def load_weights(cfg, model) -> None:
-    """Load ``TEST.WEIGHT`` (a training checkpoint or model_best.pth) into ``model``."""
+    """Load ``TEST.WEIGHT`` (a training checkpoint, model_best.pth, or a DeMo checkpoint: its
+    names mapped by ``modeling.demo_checkpoint``) into ``model``."""
+    from modeling.demo_checkpoint import convert_demo_state, is_demo_state
+
     require_weight(cfg)
     state = extract_model_state(load_checkpoint_file(cfg.TEST.WEIGHT))
+    if is_demo_state(state):
+        get_logger().info("%s is a DeMo checkpoint: its parameter names are mapped onto this model's",
+                          cfg.TEST.WEIGHT)
+        state = convert_demo_state(state, model.state_dict(), f"TEST.WEIGHT {cfg.TEST.WEIGHT}")
     load_model_weights(model, state, cfg.MODEL.LOAD_STRICT, cfg.TEST.WEIGHT)
     get_logger().info("loaded weights from %s", cfg.TEST.WEIGHT)
 

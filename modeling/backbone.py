@@ -23,6 +23,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 
 from modeling.registry import BACKBONE_REGISTRY
 from utils.checkpoint import UNSAFE_REASON, UnsafeFileError, safe_load, short_reason
+from modeling.demo_checkpoint import demo_backbone_state, is_demo_state
 from utils.download import resolve_weights
 from utils.logger import get_logger
 
@@ -62,6 +63,9 @@ def read_weight_file(path: str) -> dict:
                 obj = obj[key]
     if not isinstance(obj, dict) or not obj:
         raise PretrainedWeightsError(f"{path} does not hold a state dict")
+    if is_demo_state(obj):  # a DeMo checkpoint: its CLIP tower
+        get_logger().info("%s is a DeMo checkpoint: the backbone gets its CLIP tower", path)
+        obj = demo_backbone_state(obj)
     return {k: v for k, v in obj.items() if torch.is_tensor(v)}
 
 
