@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny synthetic dataset (generated once per session) and tiny configs."""
+import glob
 import os
 import sys
 
@@ -38,6 +39,13 @@ TINY_OPTS = [
     "SOLVER.DETERMINISTIC", "True",
     "TEST.IMS_PER_BATCH", "16",
 ]
+
+
+# The run configs under configs/ (relative paths): configs/ablations/ and configs/studies/ hold
+# the grids and studies of tools/ablate.py, which are not configs.
+RUN_CONFIGS = sorted(os.path.relpath(p, ROOT)
+                     for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yml"), recursive=True)
+                     if os.path.relpath(p, ROOT).split(os.sep)[1] not in ("ablations", "studies"))
 
 
 @pytest.fixture(scope="session")

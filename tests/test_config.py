@@ -4,6 +4,7 @@ import yaml
 
 from config import ConfigError, build_cfg, default_argument_parser, cfg_from_args
 from config.defaults import get_cfg_defaults
+from tests.conftest import RUN_CONFIGS
 
 
 def test_every_default_key_has_a_comment():
@@ -155,8 +156,7 @@ def test_defaults_are_not_shared():
     assert get_cfg_defaults().SOLVER.SEED != 42
 
 
-@pytest.mark.parametrize("path", [p for p in __import__("glob").glob("configs/**/*.yml", recursive=True)
-                                  if "ablations" not in p])  # ablation grids are not configs
+@pytest.mark.parametrize("path", RUN_CONFIGS)
 def test_shipped_configs_load(path):
     """Every shipped config builds, and the model has what the file (or its _BASE_ chain, else
     the default) says: heads, PIFE / HDM / ATMoE, selection and fusion modules and their head

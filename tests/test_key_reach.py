@@ -11,7 +11,6 @@ scheduler"). Keys only a tool reads are listed in config.reads.TOOL_KEYS.
 To run on CPU in seconds the test overrides only the size-type keys of SHRINK (and
 DATASETS.VAL_IDS, to 2 where a config holds identities out): every overridden key is still read.
 """
-import glob
 import os
 
 import pytest
@@ -21,12 +20,10 @@ import engine.defaults
 import train_net
 from config import build_cfg, flatten_config
 from config.reads import TOOL_KEYS, record_reads
+from tests.conftest import RUN_CONFIGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOT_RUN_CONFIGS = ("ablations", "studies")  # grids and studies of tools/ablate.py
-CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yml"),
-                                                             recursive=True)
-                 if os.path.relpath(p, ROOT).split(os.sep)[1] not in NOT_RUN_CONFIGS)
+CONFIGS = RUN_CONFIGS
 
 # The keys this test overrides (size, device, place and length; nothing that picks a module,
 # a loss, a schedule shape or an evaluation option).
