@@ -1,8 +1,9 @@
 """Configuration: defaults, command-line parsing and validation (detectron2's habits).
 
-``build_cfg`` clones the defaults, merges the config file, merges trailing ``KEY VALUE`` pairs
-(then the command-line shortcuts of :data:`KEY_FLAGS`), imports ``IMPORTS``, validates, and
-freezes. The names of registered parts (datasets, selection and fusion modules, retrieval
+``build_cfg`` clones the defaults, imports ``IMPORTS`` (as the file and the overrides set it),
+lets every registered part declare its own keys (:func:`add_part_config`), merges the config
+file, merges trailing ``KEY VALUE`` pairs (then the command-line shortcuts of :data:`KEY_FLAGS`),
+records ``IMPORTS`` files as absolute paths, validates, and freezes. The names of registered parts (datasets, selection and fusion modules, retrieval
 features, evaluators) are checked against their registries.
 """
 import argparse
@@ -144,8 +145,10 @@ def _check_registered(key: str, value, registry) -> None:
             v = {n.lower(): n for n in registry}.get(str(v).lower(), v)
         if v not in allowed and v not in registry:
             names = ", ".join(allowed + registry.names())
-            raise ConfigError(f"{key} = {v!r} is not one of {names} (register your own and list "
-                              "its module under IMPORTS)")
+            close = difflib.get_close_matches(str(v), list(allowed + registry.names()), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key} = {v!r} is not one of {names}{hint} (register your own and "
+                              "list its module under IMPORTS)")
 
 
 def validate_cfg(cfg: CfgNode) -> None:
@@ -323,11 +326,14 @@ def merge_file(cfg: CfgNode, path: str, _seen=()) -> None:
         raise ConfigError(f"{path}: {exc}") from exc
 
 
-def import_user_modules(names, config_file: str = "") -> None:
+def import_user_modules(names, config_file: str = "") -> List[str]:
     """Import each of ``IMPORTS``: a dotted module name, or a .py file (relative to the working
-    directory, else to the folder of ``config_file``). A file is imported once per process."""
+    directory, else to the folder of ``config_file``). A file is imported once per process.
+    Returns ``names`` with each file as its absolute path."""
+    resolved = []
     for name in names:
         if not str(name).endswith(".py"):
+            resolved.append(name)
             try:
                 importlib.import_module(name)
             except ImportError as exc:
@@ -338,6 +344,7 @@ def import_user_modules(names, config_file: str = "") -> None:
             raise ConfigError(f"IMPORTS: no such file {name!r} (looked in the working directory"
                               f"{' and next to ' + config_file if config_file else ''})")
         path = os.path.abspath(path)
+        resolved.append(path)
         module_name = "reid_imports." + os.path.splitext(os.path.basename(path))[0]
         loaded = sys.modules.get(module_name)
         if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "")) == path:
@@ -350,15 +357,71 @@ def import_user_modules(names, config_file: str = "") -> None:
         except Exception:
             del sys.modules[module_name]
             raise
+    return resolved
+
+
+def _file_imports(path: str) -> List[str]:
+    """``IMPORTS`` as the config file sets it (itself or through its ``_BASE_`` chain), read
+    before merging; [] when the file cannot be read (merge_file reports that)."""
+    try:
+        with open(path) as f:
+            content = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+    except (OSError, yaml.YAMLError, ConfigError):
+        return []
+    if not isinstance(content, dict):
+        return []
+    if "IMPORTS" in content:
+        return list(content["IMPORTS"] or [])
+    base = content.get("_BASE_")
+    return _file_imports(os.path.join(os.path.dirname(path), base)) if base else []
+
+
+def declared_imports(config_file: str, opts: Optional[List[str]]) -> List[str]:
+    """``IMPORTS`` as the merged config will hold it: the last ``IMPORTS`` override, else the
+    file's."""
+    pairs = list(zip((opts or [])[0::2], (opts or [])[1::2]))
+    values = [value for key, value in pairs if key == "IMPORTS"]
+    if values:
+        probe = get_cfg_defaults()
+        merge_opts(probe, ["IMPORTS", values[-1]])
+        return list(probe.IMPORTS)
+    return _file_imports(config_file) if config_file else []
+
+
+def add_part_config(cfg: CfgNode) -> None:
+    """Let every registered part with an ``add_config(cfg)`` hook (static or class method)
+    declare its own keys with their defaults, detectron2's ``add_*_config``: then a config file
+    or ``KEY VALUE`` sets them, with yacs' type check, and config.yaml saves them. A hook may
+    only add keys; changing an existing one fails naming the part."""
+    before = flatten_config(cfg)
+    seen = set()
+    for registry in registered_choices().values():
+        if id(registry) in seen:
+            continue
+        seen.add(id(registry))
+        for name, obj in list(registry.items()):
+            hook = getattr(obj, "add_config", None)
+            if not callable(hook):
+                continue
+            hook(cfg)
+            after = flatten_config(cfg)
+            changed = [k for k, v in before.items() if after.get(k, object()) != v]
+            if changed:
+                raise ConfigError(f"{registry.describe(name)}: add_config changed the existing key(s) "
+                                  f"{', '.join(changed)}; a part may only declare new keys")
+            before = after
 
 
 def build_cfg(config_file: str = "", opts: Optional[List[str]] = None, freeze: bool = True) -> CfgNode:
-    """Defaults <- file <- opts, with ``IMPORTS`` imported, validated (and frozen)."""
+    """Defaults + the keys of the parts ``IMPORTS`` registers <- file <- opts, validated (and
+    frozen); ``IMPORTS`` files as absolute paths."""
     cfg = get_cfg_defaults()
+    import_user_modules(declared_imports(config_file, opts), config_file)
+    add_part_config(cfg)
     if config_file:
         merge_file(cfg, config_file)
     merge_opts(cfg, opts)
-    import_user_modules(cfg.IMPORTS, config_file)
+    cfg.IMPORTS = import_user_modules(cfg.IMPORTS, config_file)
     validate_cfg(cfg)
     if freeze:
         cfg.freeze()

@@ -238,7 +238,7 @@ class ForegroundPrecisionEvaluator(DatasetEvaluator):
 
 def build_evaluators(cfg, eval_set) -> List[DatasetEvaluator]:
     """The evaluators ``TEST.EVALUATORS`` names, built for ``eval_set``."""
-    return [EVALUATOR_REGISTRY.get(name).from_config(cfg, eval_set) for name in cfg.TEST.EVALUATORS]
+    return [EVALUATOR_REGISTRY.build(name, cfg, eval_set) for name in cfg.TEST.EVALUATORS]
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from modeling.hdm import HDM
 from modeling.heads import MODALITIES, BNNeckHead, HeadOutput
 from modeling.losses import LOSS_REGISTRY
 from modeling.pife import PIFE
-from modeling.registry import BACKBONE_REGISTRY, FUSION_REGISTRY, SELECTION_REGISTRY
+from modeling.registry import BACKBONE_REGISTRY, FUSION_REGISTRY, SELECTION_REGISTRY, build_part
 
 
 def head_names(cfg) -> Tuple[str, ...]:
@@ -61,7 +61,7 @@ class MultiModalReID(nn.Module):
     def __init__(self, cfg, num_classes: int, num_cams: int):
         super().__init__()
         m = cfg.MODEL
-        self.backbone = BACKBONE_REGISTRY.get(m.BACKBONE_TYPE).from_config(cfg, num_cams)
+        self.backbone = build_part(BACKBONE_REGISTRY, m.BACKBONE_TYPE, cfg, num_cams)
         dim = self.backbone.out_dim
         self.direct = m.DIRECT
         names = head_names(cfg)
@@ -78,17 +78,17 @@ class MultiModalReID(nn.Module):
         self.selection_name = self.fusion_name = None
         if m.SELECTION.NAME != "none":
             self.selection_name = m.SELECTION.NAME
-            self.add_module(m.SELECTION.NAME, SELECTION_REGISTRY.get(m.SELECTION.NAME).from_config(cfg, dim))
+            self.add_module(m.SELECTION.NAME, build_part(SELECTION_REGISTRY, m.SELECTION.NAME, cfg, dim))
         if m.FUSION.NAME != "none":
             self.fusion_name = m.FUSION.NAME
-            self.add_module(m.FUSION.NAME, FUSION_REGISTRY.get(m.FUSION.NAME).from_config(cfg, dim))
+            self.add_module(m.FUSION.NAME, build_part(FUSION_REGISTRY, m.FUSION.NAME, cfg, dim))
             heads["fused"] = BNNeckHead(self.fusion.out_dim, num_classes)
         self.heads = nn.ModuleDict(heads)
         self.loss_weights = {name: (m.FUSION.LOSS_WEIGHT if name == "fused" else 1.0)
                              for name in self.heads}
         objectives = {}
         for name in m.LOSSES:
-            objectives[name] = LOSS_REGISTRY.get(name).from_config(cfg, self)
+            objectives[name] = build_part(LOSS_REGISTRY, name, cfg, self)
         self.objectives = nn.ModuleDict(objectives)
 
     @property

@@ -9,13 +9,17 @@
     class MaxFusion(nn.Module): ...
 
     DATASET_REGISTRY.get("MyData")        # unknown names raise UnknownNameError (a KeyError and
-                                          # a ValueError) listing the valid ones
+                                          # a ValueError) listing the valid ones, nearest first
+    FUSION_REGISTRY.build("max", cfg, 512)  # MaxFusion.from_config(cfg, 512); PluginError (one
+                                          # line: entry, its file, the rule) without from_config
 
 The config validates its ``NAME`` keys against ``names()``, so a registered object is selectable
 from a yaml file with no other edit. Code outside the package registers by being imported:
 list its module or .py file under the config's ``IMPORTS``.
 """
 import difflib
+import inspect
+import sys
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 
@@ -24,6 +28,11 @@ class UnknownNameError(KeyError, ValueError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class PluginError(ValueError):
+    """A registered part that breaks its interface; the message names the entry, its file and
+    the rule."""
 
 
 class Registry:
@@ -59,6 +68,24 @@ class Registry:
         close = difflib.get_close_matches(str(name), self._objects, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise UnknownNameError(f"unknown {self.kind} {name!r}{hint} (registered: {', '.join(self.names())})")
+
+    def describe(self, name: str) -> str:
+        """"<kind> '<name>' (<file that defines it>)", for messages about a registered part."""
+        obj = self._objects.get(name)
+        try:
+            where = inspect.getsourcefile(obj)
+        except TypeError:
+            where = getattr(sys.modules.get(getattr(obj, "__module__", "")), "__file__", None)
+        return f"{self.kind} {name!r} ({where or 'defined in an unknown file'})"
+
+    def build(self, name: str, *args):
+        """``from_config(*args)`` of the part registered as ``name``; PluginError when it has none."""
+        obj = self.get(name)
+        from_config = getattr(obj, "from_config", None)
+        if not callable(from_config):
+            raise PluginError(f"{self.describe(name)} has no from_config: a registered {self.kind} "
+                              "is built by the classmethod from_config(cfg, ...) (docs/extending.md)")
+        return from_config(*args)
 
     def names(self) -> Tuple[str, ...]:
         return tuple(self._objects)
