@@ -2,8 +2,9 @@
 
 * Same drawn parameters -> same output as the per-image functions (flip, pad + crop, normalise)
   and as timm's RandomErasing (box and values recovered from timm's own output).
-* Over many seeded draws: flip rate, crop offsets, erasing rate, erased areas and aspect ratios
-  match the per-image path's specification (timm's draws on the same image size).
+* The same uniforms give the same parameters as the per-image path: exact flip and crop counts
+  for stratified uniforms, and timm's RandomErasing fed the batched draw's uniforms erases the
+  same box for every sample and modality.
 * Seeded draws are reproducible; the decoded-image cache holds exactly the per-image decode.
 * Training with the cache gives the same steps as decoding per image; the store's size is logged
   and a store that would not fit fails with one line naming the bytes needed and available.
@@ -80,57 +81,110 @@ def test_erasing_equals_timm_for_the_same_box_and_values():
     assert torch.equal(aug.apply(x, params)[0], timm_out)
 
 
-def _timm_boxes(n, height, width, re_area, seed=0):
-    """(erased, h, w) of ``n`` draws of timm's RandomErasing on a (1, 3, H, W) image."""
-    random.seed(seed)
-    torch.manual_seed(seed)
+class _Uniforms:
+    """Stands in for ``torch.rand`` in ``BatchTrainAugment.draw``: returns the next of the given
+    tables (in draw order) and records them."""
+
+    def __init__(self, tables):
+        self.tables = list(tables)
+
+    def __call__(self, shape, device=None, generator=None):
+        table = self.tables.pop(0)
+        assert tuple(table.shape) == tuple(shape), (table.shape, shape)
+        return table.clone()
+
+
+def _timm_box(uniforms, height, width, re_area):
+    """timm's RandomErasing on a (3, H, W) image with its python draws taken from ``uniforms``
+    (random() -> u, uniform(a, b) -> a + (b - a) u, randint(a, b) -> a + floor(u (b - a + 1))):
+    (erased, top, left, h, w) recovered from the erased pixels (mode const: zeros)."""
+    values = iter(float(u) for u in uniforms)
+    fake = random.Random()
+    fake.random = lambda: next(values)
+    fake.uniform = lambda a, b: a + (b - a) * next(values)
+    fake.randint = lambda a, b: a + int(next(values) * (b - a + 1))
     erase = RandomErasing(probability=0.5, min_area=re_area[0], max_area=re_area[1],
                           min_aspect=0.3, mode="const", max_count=1, device="cpu")
-    out = []
-    for _ in range(n):
-        img = torch.zeros(1, 3, height, width)
-        img += 1.0
+    img = torch.ones(3, height, width)
+    original = RandomErasing.__call__.__globals__["random"]
+    RandomErasing.__call__.__globals__["random"] = fake
+    try:
         erase(img)
-        box = img[0, 0] == 0
-        out.append((bool(box.any()), int(box.any(1).sum()), int(box.any(0).sum())))
-    return out
+    finally:
+        RandomErasing.__call__.__globals__["random"] = original
+    box = img[0] == 0
+    if not box.any():
+        return False, 0, 0, 0, 0
+    rows, cols = box.any(1).nonzero(), box.any(0).nonzero()
+    return True, int(rows.min()), int(cols.min()), len(rows), len(cols)
 
 
 @pytest.mark.parametrize("size,re_area", [((64, 32), (0.02, 1 / 3)), ((16, 8), (0.3, 0.9))])
-def test_draw_distribution_matches_the_specification(size, re_area):
-    """4,000 triplets (12,000 modality draws, seeded). The second case rejects many attempts (boxes
-    wider than the image): its erasing rate below RE_PROB must match timm's. Catches: a uniform
-    instead of log-uniform aspect ratio, area drawn on the side length, the last instead of the
-    first fitting attempt, no retry, crop offsets missing an end value, flip probability 1 - p."""
+def test_draw_maps_its_uniforms_exactly_as_the_per_image_path(size, re_area):
+    """Exact, no sampling margin. Stratified uniforms (every quantile once) give exactly p x N
+    flips and equally many crops at every offset; for the erasing, the same uniforms fed to the
+    batched draw and to timm's RandomErasing (the per-image path) give the same decision and the
+    same box for every (sample, modality), including draws whose first attempts do not fit (the
+    second case). Catches: flip probability 1 - p, crop offsets missing an end value, a uniform
+    instead of log-uniform aspect, the area drawn on the side length, the last instead of the
+    first fitting attempt, no retry, positions not uniform over the free range."""
     height, width = size
-    torch.manual_seed(0)
-    n = 4000
+    n, m, span = 210, 3, 21  # padding 10: offsets 0..20
     aug = _augment(padding=10, re_area=re_area)
-    p = aug.draw(n, height, width, "cpu")
-    assert abs(p.flip.float().mean().item() - 0.5) < 0.02
-    counts = torch.bincount(p.top.flatten(), minlength=21)
-    assert len(counts) == 21 and (counts - 3 * n / 21).abs().max() < 0.2 * 3 * n / 21
-    assert not (p.top[:, :1] == p.top).all()  # per-modality draws (DeMo)
+    quantiles = (torch.arange(n * m, dtype=torch.float64) + 0.5) / (n * m)
+    strat = quantiles[torch.randperm(n * m, generator=torch.Generator().manual_seed(0))]
+    strat = strat.float().view(n, m)
+    g = torch.Generator().manual_seed(1)
+    erase_u, attempts = torch.rand(n, m, generator=g), torch.rand(n, m, 2, 10, generator=g)
+    pos = torch.rand(n, m, 2, generator=g)
+    tables = [strat, strat.roll(1, 0), strat.roll(2, 0), erase_u, attempts[..., 0, :],
+              attempts[..., 1, :], pos[..., 0], pos[..., 1]]
+    original = torch.rand
+    torch.rand = _Uniforms(tables)
+    try:
+        p = aug.draw(n, height, width, "cpu")
+    finally:
+        torch.rand = original
 
-    timm = _timm_boxes(3000, height, width, re_area)
-    timm_rate = sum(e for e, _, _ in timm) / len(timm)
-    rate = p.erase.float().mean().item()
-    assert abs(rate - timm_rate) < 0.03, (rate, timm_rate)
-    h, w = p.erase_h[p.erase].float(), p.erase_w[p.erase].float()
-    assert (h < height).all() and (w < width).all()
-    area = h * w / (height * width)
-    th = torch.tensor([b[1] for b in timm if b[0]], dtype=torch.float)
-    tw = torch.tensor([b[2] for b in timm if b[0]], dtype=torch.float)
-    tarea = th * tw / (height * width)
-    assert abs(area.mean() - tarea.mean()) < 0.1 * tarea.mean(), (area.mean(), tarea.mean())
-    assert abs((h > w).float().mean() - (th > tw).float().mean()) < 0.04
-    lo, hi = re_area
-    slack = 2.5 * (height + width) / (height * width)  # rounding of h and w
-    assert area.min() >= lo - slack and area.max() <= hi + slack
-    # positions: uniform over the free range, both ends reached
-    top, left = p.erase_top[p.erase], p.erase_left[p.erase]
-    assert (top + p.erase_h[p.erase] <= height).all() and (left + p.erase_w[p.erase] <= width).all()
-    assert (top == 0).any() and (top + p.erase_h[p.erase] == height).any()
+    assert int(p.flip.sum()) == n * m // 2
+    assert torch.equal(torch.bincount(p.top.flatten(), minlength=span),
+                       torch.full((span,), n * m // span))
+    assert torch.equal(torch.bincount(p.left.flatten(), minlength=span),
+                       torch.full((span,), n * m // span))
+    compared = 0
+    for b in range(n):
+        for k in range(m):
+            timm_uniforms = [erase_u[b, k]]
+            for t in range(10):
+                timm_uniforms += [attempts[b, k, 0, t], attempts[b, k, 1, t]]
+            # timm stops drawing at the first fitting attempt: the positions follow it
+            erased, top, left, h, w = _timm_box_from(timm_uniforms, pos[b, k], height, width,
+                                                     re_area)
+            assert bool(p.erase[b, k]) == erased, (b, k)
+            if erased:
+                got = (int(p.erase_top[b, k]), int(p.erase_left[b, k]), int(p.erase_h[b, k]),
+                       int(p.erase_w[b, k]))
+                assert got == (top, left, h, w), (b, k, got, (top, left, h, w))
+                compared += 1
+    assert compared > n * m // 4  # the comparison is not vacuous
+
+
+def _timm_box_from(uniforms, positions, height, width, re_area):
+    """``_timm_box`` with the erase and attempt uniforms in timm's order, the two position
+    uniforms inserted right after the first attempt that fits (where timm draws them)."""
+    erase_u, rest = uniforms[0], uniforms[1:]
+    sequence = [erase_u]
+    log_lo = math.log(0.3)
+    for t in range(10):
+        area_u, aspect_u = rest[2 * t], rest[2 * t + 1]
+        sequence += [area_u, aspect_u]
+        area = (re_area[0] + (re_area[1] - re_area[0]) * float(area_u)) * height * width
+        aspect = math.exp(log_lo + (-2 * log_lo) * float(aspect_u))
+        if (int(round(math.sqrt(area * aspect))) < height
+                and int(round(math.sqrt(area / aspect))) < width):
+            sequence += [positions[0], positions[1]]
+            break
+    return _timm_box(sequence, height, width, re_area)
 
 
 def test_seeded_draws_are_reproducible():
