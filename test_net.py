@@ -99,8 +99,9 @@ def main(argv=None) -> dict:
             plot = os.path.join(cfg.OUTPUT_DIR, MATRIX_PLOT)
             draw_matrix(matrix, plot)
             logger.info("heat map written to %s", plot)
+            diagonal = {miss: matrix[miss][miss] for miss in matrix}  # = TEST.MISS all's results
             atomic_write_text(json.dumps({"weight": cfg.TEST.WEIGHT, "feat": cfg.TEST.FEAT,
-                                          "matrix": matrix, "manifest": manifest},
+                                          "results": diagonal, "matrix": matrix, "manifest": manifest},
                                          indent=2, default=float),
                               os.path.join(cfg.OUTPUT_DIR, "test_results.json"))
         cleanup()

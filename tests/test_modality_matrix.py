@@ -54,6 +54,7 @@ def test_matrix_diagonal_equals_the_missing_modality_table(trained, matrix_run, 
     for miss in MISS_TO_MODALITIES:
         for key in RANK_KEYS + ("num_query", "num_gallery", "num_valid_query"):
             assert matrix[miss][miss][key] == table[miss][key], (miss, key)
+            assert matrix_run[1]["results"][miss][key] == table[miss][key]  # as TEST.MISS all writes it
     # RGB-only queries against the full gallery: not the full setting, not RGB-only both sides
     cross = matrix["nt"]["none"]["mAP"]
     assert cross != matrix["none"]["none"]["mAP"] and cross != matrix["nt"]["nt"]["mAP"]
