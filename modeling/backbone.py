@@ -45,6 +45,10 @@ def read_weight_file(path: str) -> dict:
     OpenAI CLIP TorchScript archive (``torch.jit.load``: TorchScript only, no Python pickle).
     ``openai:<model>`` is the cached download of that CLIP model (:func:`resolve_weights`)."""
     path = resolve_weights(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"MODEL.PRETRAIN_PATH {path} is a folder: name the weight file in "
+                                f"it (e.g. {os.path.join(path, 'ViT-B-16.pt')}), or "
+                                "openai:ViT-B-16 to download it")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MODEL.PRETRAIN_PATH not found: {path}")
     try:

@@ -154,3 +154,12 @@ def test_register_tokens_with_a_checkpoint_without_them_is_a_clear_error(tmp_pat
     with pytest.raises(PretrainedWeightsError, match="MODEL.REG_TOKENS"):
         ViTBackbone(CLIP_NAME, (64, 32), (16, 16), num_cams=2, depth=LAYERS, proj_dim=OUT,
                     pretrain_path=str(path), reg_tokens=4)
+
+
+def test_a_folder_as_weight_file_is_named_as_a_folder(tmp_path):
+    """MODEL.PRETRAIN_PATH naming a folder says so and names a file to put there (catches the
+    folder reported as "not found", which sends the user looking for a missing path)."""
+    from modeling.backbone import read_weight_file
+
+    with pytest.raises(IsADirectoryError, match=r"MODEL.PRETRAIN_PATH .* is a folder: name the weight file"):
+        read_weight_file(str(tmp_path))
