@@ -134,5 +134,10 @@ def test_add_config_may_not_change_an_existing_key(tmp_path):
     plugin.write_text("from modeling.fusion import MeanFusion\nfrom modeling.registry import FUSION_REGISTRY\n\n\n"
                       "@FUSION_REGISTRY.register('greedy')\nclass Greedy(MeanFusion):\n"
                       "    @staticmethod\n    def add_config(cfg):\n        cfg.MODEL.FUSION.LOSS_WEIGHT = 9.0\n")
-    with pytest.raises(ConfigError, match=r"fusion 'greedy' .*changed the existing key\(s\) MODEL.FUSION.LOSS_WEIGHT"):
-        build_cfg("", ["IMPORTS", f"['{plugin}']"])
+    from modeling.registry import FUSION_REGISTRY
+
+    try:
+        with pytest.raises(ConfigError, match=r"fusion 'greedy' .*changed the existing key\(s\) MODEL.FUSION.LOSS_WEIGHT"):
+            build_cfg("", ["IMPORTS", f"['{plugin}']"])
+    finally:  # registered in this process, its hook would break every later config
+        FUSION_REGISTRY._objects.pop("greedy", None)
