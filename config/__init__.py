@@ -388,11 +388,31 @@ def declared_imports(config_file: str, opts: Optional[List[str]]) -> List[str]:
     return _file_imports(config_file) if config_file else []
 
 
-def add_part_config(cfg: CfgNode) -> None:
-    """Let every registered part with an ``add_config(cfg)`` hook (static or class method)
-    declare its own keys with their defaults, detectron2's ``add_*_config``: then a config file
-    or ``KEY VALUE`` sets them, with yacs' type check, and config.yaml saves them. A hook may
-    only add keys; changing an existing one fails naming the part."""
+# Top-level packages of the project: their registered parts declare their keys in every config.
+PROJECT_PACKAGES = ("config", "data", "engine", "modeling", "solver", "utils")
+
+
+def _declares_keys_for(obj, imports: List[str]) -> bool:
+    """Whether a registered part's keys belong to a config whose IMPORTS resolved to ``imports``
+    (absolute .py paths or dotted module names): the project's own parts, and those of the
+    config's IMPORTS; not the parts other configs of the same process imported."""
+    module = getattr(obj, "__module__", "") or ""
+    if module.split(".")[0] in PROJECT_PACKAGES:
+        return True
+    if module.startswith("reid_imports."):
+        path = getattr(sys.modules.get(module), "__file__", None)
+        return path is not None and os.path.abspath(path) in imports
+    return any(module == name or module.startswith(name + ".") for name in imports)
+
+
+def add_part_config(cfg: CfgNode, imports: Optional[List[str]] = None) -> None:
+    """Let every registered part of the project or of ``imports`` (the config's IMPORTS, as
+    :func:`import_user_modules` resolves them) with an ``add_config(cfg)`` hook (static or class
+    method) declare its own keys with their defaults, detectron2's ``add_*_config``: then a
+    config file or ``KEY VALUE`` sets them, with yacs' type check, and config.yaml saves them. A
+    config's keys do not depend on what else the process imported. A hook may only add keys;
+    changing an existing one fails naming the part."""
+    imports = list(imports or [])
     before = flatten_config(cfg)
     seen = set()
     for registry in registered_choices().values():
@@ -401,7 +421,7 @@ def add_part_config(cfg: CfgNode) -> None:
         seen.add(id(registry))
         for name, obj in list(registry.items()):
             hook = getattr(obj, "add_config", None)
-            if not callable(hook):
+            if not callable(hook) or not _declares_keys_for(obj, imports):
                 continue
             hook(cfg)
             after = flatten_config(cfg)
@@ -416,8 +436,7 @@ def build_cfg(config_file: str = "", opts: Optional[List[str]] = None, freeze: b
     """Defaults + the keys of the parts ``IMPORTS`` registers <- file <- opts, validated (and
     frozen); ``IMPORTS`` files as absolute paths."""
     cfg = get_cfg_defaults()
-    import_user_modules(declared_imports(config_file, opts), config_file)
-    add_part_config(cfg)
+    add_part_config(cfg, import_user_modules(declared_imports(config_file, opts), config_file))
     if config_file:
         merge_file(cfg, config_file)
     merge_opts(cfg, opts)

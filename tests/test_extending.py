@@ -44,9 +44,9 @@ def test_imports_errors_name_the_entry(tmp_path):
         build_cfg("", ["IMPORTS", "['nope.py']"])
     with pytest.raises(ConfigError, match=r"IMPORTS: cannot import module 'no_such_module'"):
         build_cfg("", ["IMPORTS", "['no_such_module']"])
-    # a registered name is unknown until its module is imported
-    with pytest.raises(ConfigError, match="MODEL.FUSION.NAME = 'max' is not one of"):
-        build_cfg("", ["MODEL.FUSION.NAME", "max"])
+    # a name is unknown until the module that registers it is imported
+    with pytest.raises(ConfigError, match="MODEL.FUSION.NAME = 'max2' is not one of"):
+        build_cfg("", ["MODEL.FUSION.NAME", "max2"])
     # a file is found next to the config that lists it
     (tmp_path / "cfg.yml").write_text("IMPORTS: [my_fusion.py]\nMODEL:\n  FUSION:\n    NAME: max2\n")
     (tmp_path / "my_fusion.py").write_text(

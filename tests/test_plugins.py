@@ -74,6 +74,17 @@ def test_declared_option_is_validated_like_a_built_in_key(tmp_path):
     assert "unknown config key: MODEL.FUSION.MAX_TEMP" in fresh.stderr  # not declared without the import
 
 
+def test_a_config_without_the_import_has_none_of_its_keys():
+    """The plug-in's keys belong to the configs that import it, also after another config of the
+    same process imported it (catches: every imported part's hook run for every config, so a
+    config's keys, its saved config.yaml and the run identity of tools/ablate.py would depend on
+    what the process imported before)."""
+    assert "MAX_TEMP" in build_cfg("", ["IMPORTS", f"['{EXAMPLE}']"]).MODEL.FUSION
+    assert "MAX_TEMP" not in build_cfg("").MODEL.FUSION
+    with pytest.raises(ConfigError, match="unknown config key: MODEL.FUSION.MAX_TEMP"):
+        build_cfg("", ["MODEL.FUSION.MAX_TEMP", "0.5"])
+
+
 def test_test_net_from_another_directory_with_the_saved_config(plugin_run, tmp_path):
     """``test_net.py --config_file OUTPUT_DIR/config.yaml`` run from another folder imports the
     plug-in and evaluates the checkpoint (catches: IMPORTS saved relative to the repository)."""
@@ -134,10 +145,6 @@ def test_add_config_may_not_change_an_existing_key(tmp_path):
     plugin.write_text("from modeling.fusion import MeanFusion\nfrom modeling.registry import FUSION_REGISTRY\n\n\n"
                       "@FUSION_REGISTRY.register('greedy')\nclass Greedy(MeanFusion):\n"
                       "    @staticmethod\n    def add_config(cfg):\n        cfg.MODEL.FUSION.LOSS_WEIGHT = 9.0\n")
-    from modeling.registry import FUSION_REGISTRY
-
-    try:
-        with pytest.raises(ConfigError, match=r"fusion 'greedy' .*changed the existing key\(s\) MODEL.FUSION.LOSS_WEIGHT"):
-            build_cfg("", ["IMPORTS", f"['{plugin}']"])
-    finally:  # registered in this process, its hook would break every later config
-        FUSION_REGISTRY._objects.pop("greedy", None)
+    with pytest.raises(ConfigError, match=r"fusion 'greedy' .*changed the existing key\(s\) MODEL.FUSION.LOSS_WEIGHT"):
+        build_cfg("", ["IMPORTS", f"['{plugin}']"])
+    assert build_cfg("").MODEL.FUSION.LOSS_WEIGHT != 9.0  # a config without it is untouched
