@@ -206,6 +206,20 @@ def ended(say: Console, forward: Forward, failed: List[Run], what: str) -> int:
     return 0
 
 
+def run_to_end(work, say: Console, forward: Forward, what: str) -> int:
+    """Run ``work()`` (the launch and the tables; it returns the failed runs) and give the exit
+    status: 2 with one line on a grid error, 130 on Ctrl-C, else :func:`ended`'s."""
+    try:
+        failed = work()
+    except GridError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        say(f"interrupted; run the same command again to resume the {what}")
+        return 130
+    return ended(say, forward, failed, what)
+
+
 def study_main(args, command: str) -> int:
     """--study: plan every grid, train the unique runs, write each grid's tables and REPORT.md."""
     try:
@@ -230,8 +244,10 @@ def study_main(args, command: str) -> int:
         return 0
     os.makedirs(output, exist_ok=True)
     say = Console(os.path.join(output, "ablate.log"))
-    forward, failed = Forward(), []
-    try:
+    forward = Forward()
+
+    def work() -> List[Run]:
+        failed = []
         say(f"command: {command}")
         say(summary_line)
         if args.collect:
@@ -245,13 +261,9 @@ def study_main(args, command: str) -> int:
             write_results(grid, tables[grid.name], os.path.join(output, grid.name), command)
         report = write_report(study, by_grid, tables, output, command, gates=not args.no_gates)
         say(f"report: {report}")
-    except GridError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        say("interrupted; run the same command again to resume the study")
-        return 130
-    return ended(say, forward, failed, "study")
+        return failed
+
+    return run_to_end(work, say, forward, "study")
 
 
 def main(argv=None) -> int:
@@ -279,9 +291,10 @@ def main(argv=None) -> int:
 
     os.makedirs(output, exist_ok=True)
     say = Console(os.path.join(output, "ablate.log"))
-    failed: List[Run] = []
     forward = Forward()
-    try:
+
+    def work() -> List[Run]:
+        failed = []
         with grid_lock(output):
             say(f"command: {command}")
             say(summary_line)
@@ -292,13 +305,9 @@ def main(argv=None) -> int:
             table = aggregate(grid, runs)
             write_results(grid, table, output, command)
             say(f"results: {os.path.join(output, 'results.csv')}, {os.path.join(output, 'results.md')}")
-    except GridError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        say("interrupted; run the same command again to resume the grid")
-        return 130
-    return ended(say, forward, failed, "grid")
+        return failed
+
+    return run_to_end(work, say, forward, "grid")
 
 
 if __name__ == "__main__":
