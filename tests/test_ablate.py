@@ -26,6 +26,7 @@ def _load_ablate():
 
 
 ablate = _load_ablate()
+from tools.ablation import plan as ablate_plan  # noqa: E402  (importable once ablate.py is loaded)
 
 
 def tiny_grid_opts(synthetic_root):
@@ -378,6 +379,51 @@ def test_changed_config_makes_a_run_stale_and_checkpoints_resume(tmp_path):
     assert changed.folder == run.folder and changed.hash != run.hash
     ablate.inspect_run(changed)
     assert changed.state == "stale" and "SOLVER.MAX_EPOCHS: 3 -> 4" in changed.detail
+
+
+def _save_run_config(run, flat):
+    """What train_net.py (config.yaml) and ablate (the stamp) record for a run made with ``flat``."""
+    nested = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    with open(os.path.join(run.folder, "config.yaml"), "w") as f:
+        yaml.safe_dump(nested, f)
+    with open(os.path.join(run.folder, ablate_plan.STAMP)) as f:
+        stamp = json.load(f)
+    stamp.update(config=flat, config_hash=ablate_plan.config_hash(flat))
+    with open(os.path.join(run.folder, ablate_plan.STAMP), "w") as f:
+        json.dump(stamp, f)
+
+
+def test_a_key_added_to_the_defaults_keeps_a_finished_run(tmp_path):
+    """Catches: runs matched by hash equality (a newer commit's default key would retrain a whole
+    study), and the opposite slips: a new key at a non-default value, or a key removed since the
+    run, accepted as unchanged."""
+    grid = ablate.load_grid(write_grid(tmp_path / "g.yml", [{"name": "a"}], ["SOLVER.MAX_EPOCHS", 3], seeds=(1,)))
+    (run,) = ablate.plan_runs(grid, str(tmp_path / "out"))
+    os.makedirs(run.folder)
+    ablate.write_stamp(run, {})
+    with open(os.path.join(run.folder, "summary.json"), "w") as f:
+        json.dump(_fake_summary(0.3), f)
+
+    older = {k: v for k, v in run.config.items() if k != "TEST.QUERY_MISS"}  # made before that key
+    _save_run_config(run, older)
+    ablate.inspect_run(run)
+    assert run.state == "finished" and "TEST.QUERY_MISS" in run.detail
+
+    not_default = {k: v for k, v in run.config.items() if k != "SOLVER.MAX_EPOCHS"}  # 3, default 50
+    _save_run_config(run, not_default)
+    ablate.inspect_run(run)
+    assert run.state == "stale" and "SOLVER.MAX_EPOCHS: '<absent>' -> 3" in run.detail
+
+    removed = dict(run.config, **{"MODEL.GONE_OPTION": 1})
+    _save_run_config(run, removed)
+    ablate.inspect_run(run)
+    assert run.state == "stale" and "MODEL.GONE_OPTION: 1 -> '<absent>'" in run.detail
 
 
 # A stand-in for train_net.py (no torch import: instant): "broken" rows crash, "slow" rows wait

@@ -36,8 +36,10 @@ hash of the run's resolved config (all keys except OUTPUT_DIR). Re-running the s
 
 * finished runs (``summary.json`` present and the config hash matches) are skipped;
 * unfinished runs with checkpoints are continued with ``--resume``;
-* folders whose config no longer matches (the grid, base file or defaults changed) are moved
-  aside to ``<run>.stale-<time>`` (never deleted) and trained again; the changed keys are logged.
+* folders whose config no longer matches (a key's value changed in the grid, base file or
+  defaults, or a key was removed) are moved aside to ``<run>.stale-<time>`` (never deleted) and
+  trained again; the changed keys are logged. A key the defaults gained after the run, at its
+  default value, is not a change: the run is kept, and the dry run names the key.
 
 So an interrupted grid resumes where it stopped. SIGTERM is forwarded to the running trainings
 (each checkpoints and exits); rerun the same command to continue.
@@ -182,6 +184,8 @@ def print_runs(runs: List[Run], names=None) -> None:
     for run in runs:
         action = {"finished": "skip (finished)", "resume": "resume", "new": "run",
                   "stale": f"stale, would move aside and rerun: {run.detail}"}[run.state]
+        if run.detail and run.state in ("finished", "resume"):
+            action += f" {run.detail}"
         readers = names[run.folder] if names else []
         shared = f" [read by {', '.join(readers)}]" if len(readers) > 1 else ""
         print(f"# {run.label}: {action}{shared}")

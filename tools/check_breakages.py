@@ -283,6 +283,12 @@ BREAKAGES: List[Breakage] = [
              "            self.scaler.load_state_dict(state[\"scaler\"])",
              "            pass",
              ("tests/test_amp.py::test_fp16_grad_scaler_state_is_checkpointed_and_resumed",)),
+    Breakage("ablate-new-key-any-value",
+             "ablate keeps a run when a key added since has any value (not only its default)",
+             "tools/ablation/plan.py",
+             "elif key in new and key in defaults and new[key] == defaults[key]:",
+             "elif key in new:",
+             ("tests/test_ablate.py::test_a_key_added_to_the_defaults_keeps_a_finished_run",)),
 ]
 
 

@@ -1,8 +1,11 @@
 """A grid's runs: one per row x seed, with its resolved config, hash, folder and state.
 
-A run folder is stamped (``ablate_run.json``) with the hash of the run's resolved config; the
+A run folder is stamped (``ablate_run.json``) with the run's resolved config and its hash; the
 state of a folder (new, finished, resume, stale) comes from that stamp, the folder's config.yaml,
-its checkpoints and its summary.json.
+its checkpoints and its summary.json. A folder is stale when a key of its config has another
+value now, or was removed; a key the defaults gained since the run (at its default value) is not
+a change of the run's config, so a finished study survives a code update that adds an option
+(the code commit of each run is in its manifest and in the study report).
 """
 import glob
 import hashlib
@@ -14,7 +17,8 @@ from typing import Dict, List, Optional
 
 import yaml
 
-from config import KEY_FLAGS, ConfigError, build_cfg, flatten_config
+from config import KEY_FLAGS, ConfigError, add_part_config, build_cfg, flatten_config
+from config.defaults import get_cfg_defaults
 from tools.ablation.grid import ROOT, Grid, GridError, Row
 
 TRAIN_NET = os.path.join(ROOT, "train_net.py")
@@ -112,12 +116,44 @@ def has_checkpoint(folder: str) -> bool:
     return bool(glob.glob(os.path.join(folder, "checkpoint_epoch*.pth")))
 
 
-def config_diff(old: Dict[str, object], new: Dict[str, object], limit: int = 8) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
+def config_diff(old: Dict[str, object], new: Dict[str, object], limit: int = 8,
+                keys: Optional[List[str]] = None) -> str:
+    """'KEY: old -> new; ...' for ``keys`` (default: every key that differs)."""
+    if keys is None:
+        keys = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
     parts = [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys[:limit]]
     if len(keys) > limit:
         parts.append(f"... {len(keys) - limit} more")
     return "; ".join(parts) or "no key differs (hash of another version)"
+
+
+_DEFAULTS: Dict[str, object] = {}
+
+
+def default_identity() -> Dict[str, object]:
+    """The flattened defaults with the project parts' keys (cached)."""
+    if not _DEFAULTS:
+        cfg = get_cfg_defaults()
+        add_part_config(cfg)
+        _DEFAULTS.update(config_identity(cfg.dump()))
+    return _DEFAULTS
+
+
+def config_change(old: Dict[str, object], new: Dict[str, object]):
+    """(changed, added): the keys whose value differs between a run folder's config ``old`` and the
+    planned ``new`` one (including keys removed since, and keys added with a non-default value),
+    and the keys added since the run at their default value (not a change)."""
+    defaults = default_identity()
+    changed, added = [], []
+    for key in sorted(set(old) | set(new)):
+        if key in old and key in new:
+            if old[key] != new[key]:
+                changed.append(key)
+        elif key in new and key in defaults and new[key] == defaults[key]:
+            added.append(key)
+        else:
+            changed.append(key)
+    return changed, added
 
 
 def inspect_run(run: Run) -> Run:
@@ -129,12 +165,17 @@ def inspect_run(run: Run) -> Run:
     stamp = read_json(os.path.join(folder, STAMP))
     stamped = stamp.get("config_hash") if isinstance(stamp, dict) else None
     existing = _folder_config(folder)  # written by train_net.py at each start
-    if existing is not None and config_hash(existing) != run.hash:
-        run.state, run.detail = "stale", config_diff(existing, run.config)
-    elif stamped is not None and stamped != run.hash:
-        old = stamp.get("config") if isinstance(stamp.get("config"), dict) else {}
-        run.state, run.detail = "stale", config_diff(old, run.config)
-    elif stamped is None and existing is None:
+    recorded = [existing] if existing is not None else []
+    if stamped is not None and stamped != run.hash:
+        recorded.append(stamp.get("config") if isinstance(stamp.get("config"), dict) else {})
+    added: List[str] = []
+    for old in recorded:
+        if config_hash(old) != run.hash:
+            changed, added = config_change(old, run.config)
+            if changed:
+                run.state, run.detail = "stale", config_diff(old, run.config, keys=changed)
+                return run
+    if stamped is None and existing is None:
         if has_checkpoint(folder) or os.path.exists(os.path.join(folder, "summary.json")):
             run.state, run.detail = "stale", "no config.yaml or stamp to compare with"
         else:
@@ -145,6 +186,9 @@ def inspect_run(run: Run) -> Run:
         run.state, run.detail = "resume", ""
     else:
         run.state, run.detail = "new", "(earlier attempt left no checkpoint)"
+    if added and run.state != "new":
+        shown = ", ".join(added[:8]) + (f" and {len(added) - 8} more" if len(added) > 8 else "")
+        run.detail = f"(made before the defaults gained {shown}, at the default value)"
     return run
 
 
