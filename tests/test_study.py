@@ -145,6 +145,29 @@ def test_tiny_study_shares_a_row_and_reports_the_summaries(tiny_study, capsys):
     assert f"--study {study} --output {out}" in md  # the exact command, and how to rebuild it
 
 
+def test_a_one_seed_contrast_reads_its_difference_against_the_seed_spread(tiny_study):
+    """A convergence-style grid of one seed: its reading gives the difference of the two runs and
+    sets it against the reference configuration's sd over seeds from the grid that has them.
+    Catches: a one-seed contrast read as only "not testable" (the budget check says nothing), the
+    spread taken from another row or grid than the reference's configuration, a ratio inverted."""
+    study, out, calls = tiny_study
+    spec = yaml.safe_load(open(study))
+    spec["grids"].append({"name": "C", "reference": "third_once", "seeds": [1],
+                          "rows": [_row("third_once", "third"), _row("ref_once", "ref")]})
+    with open(study, "w") as f:
+        yaml.safe_dump(spec, f)
+    assert ablate.main(["--study", study, "--output", str(out)]) == 0
+    assert len(calls.read_text().split()) == 6  # C's rows are B's third and A's ref, seed 1
+    md = (out / "REPORT.md").read_text()
+    diff = _test_map("ref", 1) - _test_map("third", 1)
+    sd = statistics.stdev([_test_map("third", s) for s in (1, 2)])  # B's third, not A's ref
+    assert sd != pytest.approx(statistics.stdev([_test_map("ref", s) for s in (1, 2)]))
+    expected = (f"`ref_once` vs `third_once`, last epoch mAP: not testable (fewer than 2 finished "
+                f"seeds in a row); difference of the means {diff * 100:+.2f} pp, {abs(diff) / sd:.1f} "
+                f"times the reference's seed-to-seed sd ({sd * 100:.2f} pp over 2 seeds in grid `B`).")
+    assert expected in md
+
+
 def test_rerun_skips_and_collect_rebuilds_the_report(tiny_study, capsys):
     """Catches: a rerun that trains finished runs again; --collect (the real command) that does
     not rebuild REPORT.md from the run folders, or builds other numbers."""

@@ -45,13 +45,25 @@ def diff_cell(line: dict, prefix: str, key: str) -> Tuple[str, str]:
             NONE if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}"))
 
 
-def reading(line: dict, reference: str, prefix: str = "", key: str = "mAP") -> str:
-    """One line: is the row's difference from the reference detectable at these seeds?"""
+def reading(line: dict, reference: str, prefix: str = "", key: str = "mAP",
+            ref_line: Optional[dict] = None, spread: Optional[Tuple[float, int, str]] = None) -> str:
+    """One line: is the row's difference from the reference detectable at these seeds? Without
+    a test (a row with one seed): the plain difference of the means, measured against ``spread``
+    (sd, seeds, grid) of the reference's configuration where another grid has it over seeds."""
     diff, low, high = (line.get(f"{prefix}{key}_diff"), line.get(f"{prefix}{key}_diff_low"),
                        line.get(f"{prefix}{key}_diff_high"))
     what = f"`{line['row']}` vs `{reference}`, {SELECTIONS[prefix]} {key}"
     if diff is None:
-        return f"{what}: not testable (fewer than 2 finished seeds in a row)."
+        text = f"{what}: not testable (fewer than 2 finished seeds in a row)"
+        mean, ref_mean = line.get(f"{prefix}{key}_mean"), (ref_line or {}).get(f"{prefix}{key}_mean")
+        if mean is None or ref_mean is None:
+            return text + "."
+        text += f"; difference of the means {_pp(mean - ref_mean, True)} pp"
+        if spread is None or not spread[0]:
+            return text + " (no seed-to-seed spread of the reference in this study)."
+        sd, n, grid = spread
+        return (text + f", {abs(mean - ref_mean) / sd:.1f} times the reference's seed-to-seed sd "
+                f"({_pp(sd)} pp over {n} seeds in grid `{grid}`).")
     interval = f"{_pp(diff, True)} pp, 95 % CI [{_pp(low, True)}, {_pp(high, True)}]"
     p = line[f"{prefix}{key}_p_holm"]
     p_text = NONE if p is None else f"{p:.3f}"
@@ -140,8 +152,22 @@ def manifest_lines(runs: List[Run]) -> List[str]:
     return lines or ["- no finished run has a manifest yet"]
 
 
+def seed_spread(folders: set, by_grid: Dict[str, List[Run]], tables: Dict[str, List[dict]],
+                prefix: str, key: str) -> Optional[Tuple[float, int, str]]:
+    """(sd, seeds, grid) of a row, in any grid, whose runs include all of ``folders`` (the same
+    configuration: shared runs share their folder) and that has at least 2 finished seeds."""
+    for name, runs in by_grid.items():
+        for line in tables.get(name, []):
+            theirs = {run.folder for run in runs if run.row.name == line["row"]}
+            std = line.get(f"{prefix}{key}_std")
+            if folders and folders <= theirs and line["seeds"] >= 2 and std is not None:
+                return std, line["seeds"], name
+    return None
+
+
 def _grid_section(study: Study, grid, runs: List[Run], table: List[dict], output: str,
-                  gate_cache: Dict[str, dict], gates: bool) -> List[str]:
+                  gate_cache: Dict[str, dict], gates: bool, by_grid: Dict[str, List[Run]],
+                  tables: Dict[str, List[dict]]) -> List[str]:
     ref = grid.reference
     done = finished_summaries(runs)
     md = [f"## Contrast `{grid.name}` (reference `{ref}`)", ""]
@@ -164,9 +190,14 @@ def _grid_section(study: Study, grid, runs: List[Run], table: List[dict], output
         md.append("")
     md += ["Reading (mAP; the interval is the unadjusted 95 % interval of the difference, p is "
            "Holm-adjusted over the contrast's rows):", ""]
+    ref_line = next((line for line in table if line["row"] == ref), None)
+    ref_folders = {run.folder for run in runs if run.row.name == ref}
     for line in table:
         if line["row"] != ref:
-            md += ["- " + reading(line, ref), "  - " + reading(line, ref, "best_")]
+            md += ["- " + reading(line, ref, "", "mAP", ref_line,
+                                  seed_spread(ref_folders, by_grid, tables, "", "mAP")),
+                   "  - " + reading(line, ref, "best_", "mAP", ref_line,
+                                    seed_spread(ref_folders, by_grid, tables, "best_", "mAP"))]
     md.append("")
     fig = curves_figure(os.path.join(output, f"curves_{grid.name}.png"), grid.name, ref,
                         [r.name for r in grid.rows], done)
@@ -253,7 +284,8 @@ def write_report(study: Study, by_grid: Dict[str, List[Run]], tables: Dict[str, 
            "validation split); -: not computable.", ""]
     gate_cache: Dict[str, dict] = {}
     for grid in study.grids:
-        md += _grid_section(study, grid, by_grid[grid.name], tables[grid.name], output, gate_cache, gates)
+        md += _grid_section(study, grid, by_grid[grid.name], tables[grid.name], output, gate_cache,
+                            gates, by_grid, tables)
     md += ["## Runs: manifest", ""] + manifest_lines(finished) + [""]
     path = os.path.join(output, "REPORT.md")
     with replacing(path, "REPORT.md") as tmp, open(tmp, "w", encoding="utf-8") as f:
