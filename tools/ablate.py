@@ -31,10 +31,10 @@ subprocess (a crash does not stop the grid; memory is released between runs). Th
 output goes to ``<run>/stdout.log`` (train_net.py also writes its own ``log.txt`` there).
 
 Before anything runs, every row's config is resolved with ``config.build_cfg``; a bad key or value
-stops the grid, naming the row and the key. A run folder is stamped (``ablate_run.json``) with a
-hash of the run's resolved config (all keys except OUTPUT_DIR). Re-running the same command:
+stops the grid, naming the row and the key. A run folder is stamped (``ablate_run.json``) with
+the run's resolved config and its hash (all keys except OUTPUT_DIR). Re-running the same command:
 
-* finished runs (``summary.json`` present and the config hash matches) are skipped;
+* finished runs (``summary.json`` present and the config matches, see below) are skipped;
 * unfinished runs with checkpoints are continued with ``--resume``;
 * folders whose config no longer matches (a key's value changed in the grid, base file or
   defaults, or a key was removed) are moved aside to ``<run>.stale-<time>`` (never deleted) and
